@@ -1,0 +1,201 @@
+"""Typed configuration models. Amounts are integer fen; rates are decimals given as strings."""
+
+from __future__ import annotations
+
+import re
+from datetime import time
+from decimal import Decimal
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+# Days per month when terms of different units are compared; loan products quote 30-day months.
+DAYS_PER_MONTH = 30
+# Regulation floor for the platform's own share in co-lending (联合贷款).
+CO_LENDING_SHARE_FLOOR = Decimal("0.30")
+
+Scope = Literal["disburse", "read", "admin"]
+Repayment = Literal["equal_installment", "equal_principal", "interest_first"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Term(_Model):
+    unit: Literal["day", "month"]
+    count: int = Field(gt=0)
+
+    @property
+    def days(self) -> int:
+        return self.count if self.unit == "day" else self.count * DAYS_PER_MONTH
+
+
+class GatewayConfig(_Model):
+    timezone: str = "Asia/Shanghai"
+    apr_cap: Decimal = Field(default=Decimal("0.24"), gt=0, le=1)
+    min_platform_share: Decimal = Field(default=CO_LENDING_SHARE_FLOOR, gt=0, lt=1)
+    platform_daily_limit: int = Field(default=50_000_000_000, gt=0)
+    public_url: str = "http://127.0.0.1:8700"
+    max_body_bytes: int = Field(default=64 * 1024, gt=0)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as e:
+            raise ValueError(f"unknown time zone {v!r}") from e
+        return v
+
+    @field_validator("min_platform_share")
+    @classmethod
+    def _floor(cls, v: Decimal) -> Decimal:
+        if v < CO_LENDING_SHARE_FLOOR:
+            raise ValueError(f"must be at least {CO_LENDING_SHARE_FLOOR} (co-lending floor)")
+        return v
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+class LendingCoreConfig(_Model):
+    webhook_url: str
+    webhook_secret: SecretStr
+
+
+class Client(_Model):
+    name: str = Field(min_length=1)
+    token_sha256: str
+    scopes: list[Scope] = Field(min_length=1)
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", v):
+            raise ValueError("must be the 64 lowercase hex digits of a sha256")
+        return v
+
+
+class Product(_Model):
+    code: str = Field(min_length=1)
+    min_amount: int = Field(gt=0)
+    max_amount: int = Field(gt=0)
+    min_term: Term
+    max_term: Term
+    repayments: list[Repayment] = Field(min_length=1)
+    # bullet-principal loans are short-term by rule
+    interest_first_max_term: Term = Term(unit="month", count=12)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Product:
+        if self.min_amount > self.max_amount:
+            raise ValueError("min_amount is above max_amount")
+        if self.min_term.days > self.max_term.days:
+            raise ValueError("min_term is longer than max_term")
+        return self
+
+
+class Funder(_Model):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    name: str = Field(min_length=1)
+    license: Literal["bank", "consumer_finance"]
+    mode: Literal["direct", "co_lending"]
+    platform_share: Decimal | None = Field(default=None, gt=0, lt=1)
+    priority: int = Field(ge=0)
+    products: list[str] = Field(min_length=1)
+    single_max: int = Field(gt=0)
+    daily_limit: int = Field(gt=0)
+    prefund_balance: int = Field(default=0, ge=0)
+    min_amount: int | None = Field(default=None, gt=0)
+    max_amount: int | None = Field(default=None, gt=0)
+    min_term: Term | None = None
+    max_term: Term | None = None
+    connector: str = "sandbox"
+    connector_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _mode(self) -> Funder:
+        if self.mode == "co_lending" and self.platform_share is None:
+            raise ValueError("co_lending funder needs platform_share")
+        if self.mode == "direct" and self.platform_share is not None:
+            raise ValueError("platform_share is only for co_lending funders")
+        if self.single_max > self.daily_limit:
+            raise ValueError("single_max is above daily_limit")
+        return self
+
+
+class DispatchConfig(_Model):
+    max_in_flight_per_funder: int = Field(default=32, gt=0)
+    lease_seconds: float = Field(default=30, gt=0)
+    query_backoff_seconds: list[float] = Field(
+        default_factory=lambda: [10, 60, 300, 1800, 3600], min_length=1
+    )
+    escalate_after_seconds: float = Field(default=86400, gt=0)
+    not_sent_retries: int = Field(default=3, ge=0)
+    not_sent_backoff_seconds: float = Field(default=2, ge=0)
+    poll_interval_seconds: float = Field(default=1.0, gt=0)
+    webhook_backoff_seconds: list[float] = Field(
+        default_factory=lambda: [1, 5, 30, 120, 600], min_length=1
+    )
+    bank_timeout_seconds: float = Field(default=10, gt=0)
+
+
+class ReconciliationConfig(_Model):
+    run_at: time = time(2, 0)
+    window_days: int = Field(default=3, ge=0)
+
+
+class FileConfig(_Model):
+    gateway: GatewayConfig = GatewayConfig()
+    lending_core: LendingCoreConfig | None = None
+    clients: list[Client] = Field(min_length=1)
+    products: list[Product] = Field(min_length=1)
+    funders: list[Funder] = Field(min_length=1)
+    dispatch: DispatchConfig = DispatchConfig()
+    reconciliation: ReconciliationConfig = ReconciliationConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> FileConfig:
+        errors: list[str] = []
+        codes = [p.code for p in self.products]
+        ids = [f.id for f in self.funders]
+        for dup in sorted({c for c in codes if codes.count(c) > 1}):
+            errors.append(f"products: duplicate code {dup!r}")
+        for dup in sorted({i for i in ids if ids.count(i) > 1}):
+            errors.append(f"funders: duplicate id {dup!r}")
+        names = [c.name for c in self.clients]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            errors.append(f"clients: duplicate name {dup!r}")
+        for i, f in enumerate(self.funders):
+            where = f"funders[{i}] ({f.id})"
+            for p in f.products:
+                if p not in codes:
+                    errors.append(f"{where}.products: unknown product {p!r}")
+            if (
+                f.mode == "co_lending"
+                and f.platform_share is not None
+                and f.platform_share < self.gateway.min_platform_share
+            ):
+                errors.append(
+                    f"{where}.platform_share: {f.platform_share} is below the co-lending "
+                    f"floor {self.gateway.min_platform_share}"
+                )
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def product(self, code: str) -> Product | None:
+        return next((p for p in self.products if p.code == code), None)
+
+    def funder(self, funder_id: str) -> Funder | None:
+        return next((f for f in self.funders if f.id == funder_id), None)

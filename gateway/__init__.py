@@ -1,0 +1,1 @@
+"""The gateway: HTTP API, store, dispatcher, poller, notifier, logging, metrics and CLI."""

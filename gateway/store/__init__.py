@@ -1,0 +1,1 @@
+"""PostgreSQL: the pool, migrations, the embedded server and every query (SQL lives here)."""

@@ -1,0 +1,1 @@
+"""Statement parsing, matching and break classification (pure core)."""
