@@ -138,14 +138,14 @@ class DispatchConfig(_Model):
     max_in_flight_per_funder: int = Field(default=32, gt=0)
     lease_seconds: float = Field(default=30, gt=0)
     query_backoff_seconds: list[float] = Field(
-        default_factory=lambda: [10, 60, 300, 1800, 3600], min_length=1
+        default_factory=lambda: [10.0, 60.0, 300.0, 1800.0, 3600.0], min_length=1
     )
     escalate_after_seconds: float = Field(default=86400, gt=0)
     not_sent_retries: int = Field(default=3, ge=0)
     not_sent_backoff_seconds: float = Field(default=2, ge=0)
     poll_interval_seconds: float = Field(default=1.0, gt=0)
     webhook_backoff_seconds: list[float] = Field(
-        default_factory=lambda: [1, 5, 30, 120, 600], min_length=1
+        default_factory=lambda: [1.0, 5.0, 30.0, 120.0, 600.0], min_length=1
     )
     bank_timeout_seconds: float = Field(default=10, gt=0)
 

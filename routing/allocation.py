@@ -19,7 +19,7 @@ class Allocation:
 
 
 def allocate(amount: int, share: Decimal | None) -> Allocation:
-    """`platform = ceil(amount × share)`, `funder = amount − platform`; direct when share is None."""
+    """`platform = ceil(amount × share)`, `funder = amount − platform`; direct without share."""
     if amount <= 0:
         raise ValueError("amount must be positive")
     if share is None:

@@ -15,6 +15,7 @@ import asyncpg
 
 from config.loader import Settings
 from gateway.store.embedded import EmbeddedPostgres
+from gateway.store.queries import Conn
 
 # pg_advisory_lock key held while migrating: any number of processes may start at once
 MIGRATION_LOCK_KEY = 0x66756E6467617465  # "fundgate"
@@ -38,19 +39,19 @@ def migrations() -> list[Migration]:
     return out
 
 
-async def applied_versions(conn: asyncpg.Connection) -> set[int]:
+async def applied_versions(conn: Conn) -> set[int]:
     exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
     if not exists:
         return set()
     return {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
 
 
-async def pending(conn: asyncpg.Connection) -> list[Migration]:
+async def pending(conn: Conn) -> list[Migration]:
     done = await applied_versions(conn)
     return [m for m in migrations() if m.version not in done]
 
 
-async def migrate(conn: asyncpg.Connection) -> list[Migration]:
+async def migrate(conn: Conn) -> list[Migration]:
     """Apply every pending migration, each in its own transaction; returns those applied."""
     applied: list[Migration] = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
@@ -74,7 +75,7 @@ async def migrate(conn: asyncpg.Connection) -> list[Migration]:
     return applied
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def _init_connection(conn: Conn) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 

@@ -102,7 +102,7 @@ class EmbeddedPostgres:
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
         kw = _as_user()
-        return subprocess.run(
+        return subprocess.run(  # type: ignore[no-any-return]
             list(args),
             check=True,
             capture_output=True,

@@ -1,0 +1,360 @@
+"""HTTP handlers of the lending-core API, bank callbacks and ops routes (CONTRACT.md)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import datetime
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from connectors.errors import CallbackRejected
+from gateway import outcomes, states
+from gateway.context import Services
+from gateway.disbursements import iso, render, submit
+from gateway.errors import NotFound, Unauthorized, Unprocessable
+from gateway.http import CLIENT_KEY, json_response, read_model, scoped
+from gateway.masking import mask_account, mask_name
+from gateway.schemas import AccountIn, DisbursementRequest
+from gateway.store import db
+from gateway.store import queries as q
+
+log = structlog.get_logger("fundgate.api")
+
+SERVICES = web.AppKey("services", Services)
+
+# banks sign a callback at most this long before we see it (CONTRACT.md: ±300 s)
+NONCE_RETENTION_SECONDS = 900
+
+
+def _svc(request: web.Request) -> Services:
+    return request.app[SERVICES]
+
+
+# ---------------------------------------------------------------- disbursements
+
+
+@scoped("disburse")
+async def create_disbursement(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    req = await read_model(request, DisbursementRequest)
+    structlog.contextvars.bind_contextvars(txn_no=req.txn_no)
+    outcome = await submit(svc, req, request[CLIENT_KEY].name)
+    headers = {"Idempotent-Replay": "true"} if outcome.replay else None
+    return json_response(outcome.body, outcome.status, headers)
+
+
+@scoped("read")
+async def get_disbursement(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    txn_no = request.match_info["txn_no"]
+    async with svc.pool.acquire() as conn:
+        d = await q.find_by_txn(conn, txn_no)
+        if d is None:
+            raise NotFound(f"no disbursement {txn_no}")
+        attempts = (await q.attempts_of(conn, [d["id"]]))[d["id"]]
+    return json_response(render(d, attempts))
+
+
+def _parse_time(name: str, value: str | None) -> datetime | None:
+    if value is None or value == "":
+        return None
+    try:
+        ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as e:
+        raise Unprocessable("invalid_request", f"{name} must be an ISO 8601 time") from e
+    if ts.tzinfo is None:
+        raise Unprocessable("invalid_request", f"{name} needs a UTC offset")
+    return ts
+
+
+def _cursor_out(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"d:{last_id}".encode()).decode().rstrip("=")
+
+
+def _cursor_in(value: str | None) -> int | None:
+    if not value:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
+        kind, _, num = raw.partition(":")
+        if kind != "d":
+            raise ValueError(kind)
+        return int(num)
+    except (ValueError, binascii.Error, UnicodeDecodeError) as e:
+        raise Unprocessable("invalid_request", "cursor is not valid") from e
+
+
+@scoped("read")
+async def list_disbursements(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    qs = request.query
+    status = qs.get("status") or None
+    if status is not None and status not in states.STATES:
+        raise Unprocessable("invalid_request", f"status must be one of {', '.join(states.STATES)}")
+    try:
+        limit = int(qs.get("limit", "50"))
+    except ValueError as e:
+        raise Unprocessable("invalid_request", "limit must be an integer") from e
+    if not 1 <= limit <= 500:
+        raise Unprocessable("invalid_request", "limit must be between 1 and 500")
+    async with svc.pool.acquire() as conn:
+        rows = await q.list_disbursements(
+            conn,
+            status=status,
+            funder_id=qs.get("funder_id") or None,
+            created_from=_parse_time("created_from", qs.get("created_from")),
+            created_to=_parse_time("created_to", qs.get("created_to")),
+            before_id=_cursor_in(qs.get("cursor")),
+            limit=limit + 1,
+        )
+        page = rows[:limit]
+        attempts = await q.attempts_of(conn, [r["id"] for r in page])
+    items = [render(r, attempts[r["id"]]) for r in page]
+    nxt = _cursor_out(page[-1]["id"]) if len(rows) > limit else None
+    return json_response({"items": items, "next_cursor": nxt})
+
+
+@scoped("read")
+async def list_vouchers(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    txn_no = request.match_info["txn_no"]
+    async with svc.pool.acquire() as conn:
+        if await q.find_by_txn(conn, txn_no) is None:
+            raise NotFound(f"no disbursement {txn_no}")
+        rows = await q.vouchers_of(conn, txn_no)
+    return json_response({"items": [voucher_out(r) for r in rows]})
+
+
+def voucher_out(r: Any) -> dict[str, Any]:
+    return {
+        "seq": r.get("seq"),
+        "kind": r["kind"],
+        "event": json.loads(r["event"]),
+        "hash": r.get("hash"),
+        "prev_hash": r.get("prev_hash"),
+        "at": iso(r["at"]),
+    }
+
+
+# ---------------------------------------------------------------- whitelist
+
+
+def _account_out(r: Any) -> dict[str, Any]:
+    return {
+        "borrower_id": r["borrower_id"],
+        "account_no": mask_account(r["account_no"]),
+        "account_name": mask_name(r["account_name"]),
+        "bank_code": r["bank_code"],
+        "created_at": iso(r["created_at"]),
+    }
+
+
+def _borrower(request: web.Request) -> str:
+    borrower_id = request.match_info["borrower_id"]
+    if not 1 <= len(borrower_id) <= 64:
+        raise Unprocessable("invalid_request", "borrower_id must be 1 to 64 characters")
+    return borrower_id
+
+
+@scoped("disburse")
+async def put_account(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    borrower_id = _borrower(request)
+    body = await read_model(request, AccountIn)
+    async with svc.pool.acquire() as conn, conn.transaction():
+        created = await q.upsert_account(
+            conn, borrower_id, body.account_no, body.account_name, body.bank_code
+        )
+        await q.voucher(
+            conn,
+            "whitelist.registered",
+            {
+                "borrower_id": borrower_id,
+                "account_no": mask_account(body.account_no),
+                "bank_code": body.bank_code,
+            },
+            None,
+        )
+        row = await q.get_account(conn, borrower_id, body.account_no)
+    log.info("whitelist.registered", borrower_id=borrower_id, account_no=body.account_no)
+    return json_response(_account_out(row), 201 if created else 200)
+
+
+@scoped("disburse")
+async def delete_account(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    borrower_id = _borrower(request)
+    account_no = request.match_info["account_no"]
+    async with svc.pool.acquire() as conn, conn.transaction():
+        if await q.delete_account(conn, borrower_id, account_no):
+            await q.voucher(
+                conn,
+                "whitelist.removed",
+                {"borrower_id": borrower_id, "account_no": mask_account(account_no)},
+                None,
+            )
+    return web.Response(status=204)
+
+
+@scoped("read")
+async def list_accounts(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    borrower_id = _borrower(request)
+    async with svc.pool.acquire() as conn:
+        rows = await q.list_accounts(conn, borrower_id)
+    return json_response({"items": [_account_out(r) for r in rows]})
+
+
+# ---------------------------------------------------------------- funders
+
+
+@scoped("read")
+async def list_funders(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    day = svc.business_day()
+    async with svc.pool.acquire() as conn:
+        usage = await q.usage(conn, day)
+        prefund = await q.prefund_balances(conn)
+        in_flight = await q.in_flight_counts(conn)
+    items = []
+    for f in sorted(svc.cfg.funders, key=lambda f: (f.priority, f.id)):
+        used = usage.get(q.funder_scope(f.id), 0)
+        items.append(
+            {
+                "id": f.id,
+                "name": f.name,
+                "license": f.license,
+                "mode": f.mode,
+                "priority": f.priority,
+                "platform_share": None if f.platform_share is None else str(f.platform_share),
+                "connector": f.connector,
+                "single_max": f.single_max,
+                "daily_limit": f.daily_limit,
+                "used_today": used,
+                "remaining_today": max(0, f.daily_limit - used),
+                "prefund_balance": prefund.get(f.id) if f.mode == "co_lending" else None,
+                "circuit": "closed",
+                "in_flight": in_flight.get(f.id, {}),
+            }
+        )
+    platform_used = usage.get(q.PLATFORM_SCOPE, 0)
+    cap = svc.cfg.gateway.platform_daily_limit
+    return json_response(
+        {
+            "business_day": day.isoformat(),
+            "platform": {
+                "daily_limit": cap,
+                "used_today": platform_used,
+                "remaining_today": max(0, cap - platform_used),
+            },
+            "items": items,
+        }
+    )
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+async def bank_callback(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/callbacks/{funder_id}`: verify, refuse replays, apply once, acknowledge."""
+    svc = _svc(request)
+    funder_id = request.match_info["funder_id"]
+    connector = svc.connectors.get(funder_id)
+    if connector is None:
+        raise NotFound(f"no funder {funder_id}", code="unknown_funder")
+    body = await request.read()
+    try:
+        event = connector.parse_callback(request.headers, body)
+    except CallbackRejected as e:
+        svc.metrics.callback(funder_id, "refused", e.reason)
+        log.warning("callback.refused", funder_id=funder_id, reason=e.reason, detail=e.message)
+        raise Unauthorized("callback_refused", e.message, details={"reason": e.reason}) from e
+    structlog.contextvars.bind_contextvars(order_no=event.order_no)
+    async with svc.pool.acquire() as conn, conn.transaction():
+        ref = await q.attempt_by_order(conn, event.order_no)
+        if ref is None or ref["funder_id"] != funder_id:
+            svc.metrics.callback(funder_id, "refused", "unknown_order")
+            raise NotFound(f"no order {event.order_no} at {funder_id}", code="unknown_order")
+        if not await q.remember_nonce(conn, funder_id, event.nonce):
+            svc.metrics.callback(funder_id, "refused", "replayed")
+            log.warning("callback.refused", funder_id=funder_id, reason="replayed")
+            raise Unauthorized(
+                "callback_refused", "nonce already used", details={"reason": "replayed"}
+            )
+        a = await q.lock_attempt(conn, ref["id"])
+        assert a is not None
+        if event.amount is not None and event.amount != a["amount"]:
+            # the bank reports a different amount: do not settle on it; reconciliation decides
+            log.error(
+                "callback.amount_mismatch",
+                order_no=event.order_no,
+                ours=a["amount"],
+                bank=event.amount,
+            )
+            svc.metrics.callback(funder_id, "refused", "amount_mismatch")
+            return connector.callback_ack(True)
+        moved = await outcomes.apply_bank_status(
+            conn,
+            svc,
+            a,
+            event.status,
+            bank_ref=event.bank_ref,
+            fail_code=event.fail_code,
+            fail_reason=event.fail_reason,
+            source="callback",
+        )
+    svc.metrics.callback(funder_id, "accepted" if moved else "duplicate", None)
+    log.info("callback.received", funder_id=funder_id, status=str(event.status), applied=moved)
+    return connector.callback_ack(True)
+
+
+# ---------------------------------------------------------------- ops
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    try:
+        async with svc.pool.acquire(timeout=2) as conn:
+            pending = await db.pending(conn)
+    except Exception as e:
+        return json_response({"status": "unavailable", "database": str(e)[:200]}, 503)
+    if pending:
+        return json_response(
+            {"status": "migrations_pending", "pending": [m.version for m in pending]}, 503
+        )
+    return json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = _svc(request).metrics.render()
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = content_type
+    return resp
+
+
+def api_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/v1/disbursements", create_disbursement)
+    r.add_get("/v1/disbursements", list_disbursements)
+    r.add_get("/v1/disbursements/{txn_no}", get_disbursement)
+    r.add_get("/v1/disbursements/{txn_no}/vouchers", list_vouchers)
+    r.add_put("/v1/borrowers/{borrower_id}/accounts", put_account)
+    r.add_get("/v1/borrowers/{borrower_id}/accounts", list_accounts)
+    r.add_delete("/v1/borrowers/{borrower_id}/accounts/{account_no}", delete_account)
+    r.add_get("/v1/funders", list_funders)
+    r.add_post("/v1/callbacks/{funder_id}", bank_callback)
+
+
+def ops_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics)

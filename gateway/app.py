@@ -1,0 +1,157 @@
+"""Wiring in one place: `create_app` builds the pool, connectors, metrics and workers.
+
+Nothing here runs at import time; everything is created in `cleanup_ctx` and torn down in
+reverse order, so a SIGTERM stops intake first, then lets in-flight bank calls finish (or
+leaves them to their lease), then closes the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Literal
+
+import asyncpg
+import httpx
+import structlog
+from aiohttp import web
+
+from config.models import FileConfig
+from connectors import registry
+from connectors.base import BankConnector
+from gateway.api import SERVICES, api_routes, ops_routes
+from gateway.context import Services
+from gateway.dispatcher import Dispatcher, Poller
+from gateway.http import Authenticator, make_middlewares
+from gateway.metrics import Metrics
+from gateway.notifier import Notifier
+from gateway.store import db
+from gateway.store import queries as q
+
+log = structlog.get_logger("fundgate.app")
+
+Role = Literal["all", "api", "worker"]
+WORKERS = web.AppKey("workers", list)
+# how long a stopping process lets bank calls in flight finish before leaving them to the lease
+DRAIN_SECONDS = 10.0
+HOUSEKEEPING_SECONDS = 5.0
+
+
+def create_app(
+    cfg: FileConfig,
+    *,
+    database_url: str | None = None,
+    pool: asyncpg.Pool | None = None,
+    connectors: dict[str, BankConnector] | None = None,
+    metrics: Metrics | None = None,
+    role: Role = "all",
+    pool_size: int = 20,
+) -> web.Application:
+    if pool is None and database_url is None:
+        raise ValueError("create_app needs a database_url or a pool")
+    m = metrics or Metrics()
+    app = web.Application(
+        client_max_size=cfg.gateway.max_body_bytes,
+        middlewares=make_middlewares(Authenticator(cfg.clients), m.observe_http),
+    )
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        own_pool = pool is None
+        p = pool or await db.create_pool(database_url or "", max_size=pool_size)
+        http = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=100)
+        )
+        try:
+            async with p.acquire() as conn:
+                applied = await db.migrate(conn)
+                if applied:
+                    log.info("db.migrated", versions=[a.version for a in applied])
+                await q.seed_prefund(
+                    conn, {f.id: f.prefund_balance for f in cfg.funders if f.mode == "co_lending"}
+                )
+            conns = connectors if connectors is not None else registry.build_all(cfg, http)
+            app[SERVICES] = Services(cfg=cfg, pool=p, connectors=conns, metrics=m, http=http)
+            yield
+        finally:
+            if connectors is None and SERVICES in app:
+                for c in app[SERVICES].connectors.values():
+                    await c.aclose()
+            await http.aclose()
+            if own_pool:
+                await p.close()
+
+    app.cleanup_ctx.append(resources)
+    if role in ("all", "worker"):
+        app.cleanup_ctx.append(_workers)
+    ops_routes(app)
+    if role in ("all", "api"):
+        api_routes(app)
+    return app
+
+
+async def _listen(svc: Services, dispatcher: Dispatcher, stop: asyncio.Event) -> None:
+    """LISTEN for new dispatch work; reconnects if the connection drops (polling covers gaps)."""
+    while not stop.is_set():
+        try:
+            async with svc.pool.acquire() as conn:
+                await conn.add_listener(q.DISPATCH_CHANNEL, dispatcher.wake)
+                try:
+                    await stop.wait()
+                finally:
+                    await conn.remove_listener(q.DISPATCH_CHANNEL, dispatcher.wake)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            log.warning("dispatch.listen_failed", error=str(e))
+            await asyncio.sleep(1)
+
+
+async def _housekeeping(svc: Services, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            async with svc.pool.acquire() as conn:
+                await q.forget_nonces(conn, 900)
+                stats = await q.outbox_stats(conn)
+                day = svc.business_day()
+                usage = await q.usage(conn, day)
+                prefund = await q.prefund_balances(conn)
+                unknown = await q.in_flight_counts(conn)
+            for kind in ("dispatch", "webhook"):
+                depth, age = stats.get(kind, (0, 0.0))
+                svc.metrics.set_outbox(kind, depth, age)
+            for f in svc.cfg.funders:
+                svc.metrics.set_limit(f.id, usage.get(q.funder_scope(f.id), 0), f.daily_limit)
+                svc.metrics.set_attempts_unknown(f.id, unknown.get(f.id, {}).get("unknown", 0))
+                if f.mode == "co_lending":
+                    svc.metrics.set_prefund_balance(f.id, prefund.get(f.id, 0))
+            svc.metrics.set_limit(
+                "platform", usage.get(q.PLATFORM_SCOPE, 0), svc.cfg.gateway.platform_daily_limit
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            log.warning("housekeeping.failed", error=str(e))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), HOUSEKEEPING_SECONDS)
+
+
+async def _workers(app: web.Application) -> AsyncIterator[None]:
+    svc = app[SERVICES]
+    stop = asyncio.Event()
+    dispatcher, poller, notifier = Dispatcher(svc), Poller(svc), Notifier(svc)
+    tasks = [
+        asyncio.create_task(dispatcher.run(stop), name="dispatcher"),
+        asyncio.create_task(poller.run(stop), name="poller"),
+        asyncio.create_task(notifier.run(stop), name="notifier"),
+        asyncio.create_task(_listen(svc, dispatcher, stop), name="listen"),
+        asyncio.create_task(_housekeeping(svc, stop), name="housekeeping"),
+    ]
+    app[WORKERS] = [dispatcher, poller, notifier]
+    log.info("workers.started")
+    try:
+        yield
+    finally:
+        stop.set()
+        for loop in (dispatcher, poller, notifier):
+            await loop.drain(DRAIN_SECONDS)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("workers.stopped")

@@ -1,0 +1,190 @@
+"""`fundgate` command line: serve, sandbox-bank, demo, migrate, config check."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import ipaddress
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from config.loader import ConfigError, Settings, load_config
+from config.models import FileConfig
+from gateway.logging import configure_logging
+
+log = structlog.get_logger("fundgate.cli")
+
+# the default config's well-known token must never face a network
+DEMO_TOKEN_SHA256 = hashlib.sha256(b"demo-token").hexdigest()
+
+
+def _load(settings: Settings, path: Path | None = None) -> FileConfig:
+    try:
+        return load_config(path or settings.config_path)
+    except ConfigError as e:
+        print(f"config error in {e.source}:", file=sys.stderr)  # noqa: T201
+        for err in e.errors:
+            print(f"  - {err}", file=sys.stderr)  # noqa: T201
+        raise SystemExit(2) from e
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(
+                ipaddress.ip_address(str(info[4][0])).is_loopback
+                for info in socket.getaddrinfo(host, None)
+            )
+        except OSError:
+            return False
+
+
+async def _run_until_signal(app: web.Application, host: str, port: int) -> None:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("serve.listening", host=host, port=port)
+    try:
+        await stop.wait()
+        log.info("serve.stopping")
+    finally:
+        await runner.cleanup()
+        log.info("serve.stopped")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.app import create_app
+    from gateway.store.db import database_url
+
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    cfg = _load(settings)
+    if not _is_loopback(args.host) and any(
+        c.token_sha256 == DEMO_TOKEN_SHA256 for c in cfg.clients
+    ):
+        print(  # noqa: T201
+            "refusing to bind a non-loopback address while the demo token is configured",
+            file=sys.stderr,
+        )
+        return 2
+
+    async def main() -> None:
+        async with database_url(settings) as url:
+            app = create_app(cfg, database_url=url, role=args.role, pool_size=args.pool_size)
+            await _run_until_signal(app, args.host, args.port)
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from gateway.store import db
+
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+
+    async def main() -> None:
+        async with db.database_url(settings) as url:
+            pool = await db.create_pool(url, min_size=1, max_size=1)
+            try:
+                async with pool.acquire() as conn:
+                    applied = await db.migrate(conn)
+            finally:
+                await pool.close()
+        names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied) or "none (up to date)"
+        print(f"migrations applied: {names}")  # noqa: T201
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from connectors.registry import check_options
+
+    settings = Settings()
+    path = Path(args.path) if args.path else settings.config_path
+    cfg = _load(settings, path)
+    errors = asyncio.run(check_options(cfg))
+    if errors:
+        print(f"config error in {path}:", file=sys.stderr)  # noqa: T201
+        for err in errors:
+            print(f"  - {err}", file=sys.stderr)  # noqa: T201
+        return 2
+    print(  # noqa: T201
+        f"{path}: ok ({len(cfg.funders)} funders, {len(cfg.products)} products, "
+        f"{len(cfg.clients)} clients)"
+    )
+    return 0
+
+
+def cmd_sandbox_bank(args: argparse.Namespace) -> int:
+    from connectors.sandbox.bank import options_from_args, run_bank
+
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    asyncio.run(run_bank(options_from_args(args), host=args.host, port=args.port))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return int(run_demo(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fundgate", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gateway")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8700)
+    s.add_argument("--role", choices=["all", "api", "worker"], default="all")
+    s.add_argument("--pool-size", type=int, default=20, help="database connections")
+    s.set_defaults(func=cmd_serve)
+
+    from connectors.sandbox.bank import add_arguments
+
+    b = sub.add_parser("sandbox-bank", help="run one simulated bank")
+    add_arguments(b)
+    b.set_defaults(func=cmd_sandbox_bank)
+
+    d = sub.add_parser("demo", help="run the whole path end to end and print a summary")
+    d.add_argument("--count", type=int, default=200)
+    d.add_argument("--keep-running", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("migrate", help="apply database migrations, then exit")
+    m.set_defaults(func=cmd_migrate)
+
+    c = sub.add_parser("config", help="configuration tools")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    cc = csub.add_parser("check", help="validate a config file")
+    cc.add_argument("path", nargs="?")
+    cc.set_defaults(func=cmd_config_check)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,313 @@
+"""The outbox worker that sends payouts, and the poller that asks banks about open attempts.
+
+Work is claimed with `FOR UPDATE SKIP LOCKED` and a lease: a process that dies mid-call loses
+its lease and another process re-sends the same order number, which the bank treats as the
+same order. The state change and the removal of the outbox row commit together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import structlog
+
+from connectors.base import BankStatus, PayoutOrder, PayoutResult
+from connectors.errors import NotSent, OutcomeUnknown, Rejected
+from gateway import states
+from gateway.context import Services
+from gateway.metrics import ConnectorOutcome
+from gateway.outcomes import apply_bank_status, fail_over, move, query_delay
+from gateway.store import queries as q
+
+log = structlog.get_logger("fundgate.dispatcher")
+
+Result = PayoutResult | Rejected | NotSent | OutcomeUnknown
+
+
+def _error(e: Exception) -> dict[str, Any]:
+    code = getattr(e, "code", None) or type(e).__name__
+    return {"code": str(code), "message": str(getattr(e, "message", e))[:300]}
+
+
+class _Loop:
+    """A claim-and-handle loop with bounded concurrency, woken early by `wake()`."""
+
+    name = "loop"
+
+    def __init__(self, svc: Services, capacity: int) -> None:
+        self.svc = svc
+        self.capacity = capacity
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+
+    def wake(self, *_: Any) -> None:
+        self._wake.set()
+
+    async def claim(self, conn: q.Conn, n: int) -> list[asyncpg.Record]:
+        raise NotImplementedError
+
+    async def handle(self, row: asyncpg.Record) -> None:
+        raise NotImplementedError
+
+    async def _guarded(self, row: asyncpg.Record) -> None:
+        try:
+            await self.handle(row)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the lease brings the row back; the loop must live on
+            log.exception(f"{self.name}.failed", row_id=row["id"])
+
+    async def run(self, stop: asyncio.Event) -> None:
+        interval = self.svc.cfg.dispatch.poll_interval_seconds
+        while not stop.is_set():
+            free = self.capacity - len(self.tasks)
+            rows: list[asyncpg.Record] = []
+            if free > 0:
+                try:
+                    async with self.svc.pool.acquire() as conn:
+                        rows = await self.claim(conn, free)
+                except (TimeoutError, OSError, asyncpg.PostgresError) as e:
+                    log.warning(f"{self.name}.claim_failed", error=str(e))
+            for row in rows:
+                t = asyncio.create_task(self._guarded(row))
+                self.tasks.add(t)
+                t.add_done_callback(self._done)
+            if rows and len(rows) == free:
+                await asyncio.sleep(0)
+                continue
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wait(stop), timeout=interval)
+
+    def _done(self, t: asyncio.Task[None]) -> None:
+        self.tasks.discard(t)
+        self._wake.set()
+
+    async def _wait(self, stop: asyncio.Event) -> None:
+        waiters = [asyncio.create_task(self._wake.wait()), asyncio.create_task(stop.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def drain(self, timeout: float) -> None:
+        """Let in-flight calls finish; what does not finish is released by its lease."""
+        if self.tasks:
+            _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1)
+
+
+class Dispatcher(_Loop):
+    name = "dispatcher"
+
+    def __init__(self, svc: Services) -> None:
+        per_funder = svc.cfg.dispatch.max_in_flight_per_funder
+        super().__init__(svc, capacity=per_funder * max(1, len(svc.funders)))
+        self.limits = {f: asyncio.Semaphore(per_funder) for f in svc.funders}
+
+    async def claim(self, conn: q.Conn, n: int) -> list[asyncpg.Record]:
+        return await q.claim(conn, "dispatch", n, self.svc.cfg.dispatch.lease_seconds)
+
+    async def handle(self, row: asyncpg.Record) -> None:
+        svc = self.svc
+        async with svc.pool.acquire() as conn:
+            a = await q.load_attempt(conn, row["ref_id"])
+        if a is None or a["status"] not in ("accepted", "unknown"):
+            async with svc.pool.acquire() as conn:
+                await q.finish_outbox(conn, row["id"])
+            return
+        connector = svc.connectors[a["funder_id"]]
+        order = PayoutOrder(
+            order_no=a["order_no"],
+            txn_no=a["txn_no"],
+            funder_id=a["funder_id"],
+            amount=a["amount"],
+            currency=a["currency"],
+            account_no=a["payee_account_no"],
+            account_name=a["payee_account_name"],
+            bank_code=a["payee_bank_code"],
+            mode=a["mode"],
+            funder_amount=a["alloc_funder"],
+            platform_amount=a["alloc_platform"],
+            callback_url=svc.callback_url(a["funder_id"]),
+        )
+        async with self.limits[a["funder_id"]]:
+            result = await self._call(connector.name, order)
+        async with svc.pool.acquire() as conn, conn.transaction():
+            locked = await q.lock_attempt(conn, a["id"])
+            assert locked is not None
+            finished = await self._apply(conn, locked, result)
+            if finished:
+                await q.finish_outbox(conn, row["id"])
+            else:
+                delay = svc.cfg.dispatch.not_sent_backoff_seconds * max(1, row["tries"])
+                await q.retry_outbox(conn, row["id"], delay, _error(result)["message"])  # type: ignore[arg-type]
+
+    async def _call(self, connector_name: str, order: PayoutOrder) -> Result:
+        svc = self.svc
+        started = time.perf_counter()
+        outcome: ConnectorOutcome = "ok"
+        result: Result
+        try:
+            result = await svc.connectors[order.funder_id].disburse(order)
+        except Rejected as e:
+            result, outcome = e, "rejected"
+        except NotSent as e:
+            result, outcome = e, "not_sent"
+        except OutcomeUnknown as e:
+            result, outcome = e, "unknown"
+        except Exception as e:  # a connector bug after the request may have left: assume sent
+            log.exception("connector.unexpected_error", order_no=order.order_no)
+            result, outcome = OutcomeUnknown(f"unexpected connector error: {e!r}"), "unknown"
+        svc.metrics.observe_connector_call(
+            order.funder_id, connector_name, "disburse", outcome, time.perf_counter() - started
+        )
+        log.info(
+            "bank.disburse",
+            order_no=order.order_no,
+            txn_no=order.txn_no,
+            funder_id=order.funder_id,
+            outcome=outcome,
+            detail=None if isinstance(result, PayoutResult) else _error(result),
+        )
+        return result
+
+    async def _apply(self, conn: q.Conn, a: asyncpg.Record, result: Result) -> bool:
+        """Apply a disburse outcome; False when the outbox row should be retried later."""
+        svc = self.svc
+        if isinstance(result, PayoutResult):
+            new = {
+                BankStatus.ACCEPTED: "sent",
+                BankStatus.PROCESSING: "processing",
+                BankStatus.SUCCEEDED: "succeeded",
+                BankStatus.FAILED: "failed",
+            }.get(result.status, "unknown")
+            if new == "sent" and a["status"] == "unknown":
+                new = "processing"  # a re-send after an unknown: the bank has the order now
+            if new == "failed":
+                await apply_bank_status(
+                    conn, svc, a, result.status, bank_ref=result.bank_ref,
+                    fail_code=result.fail_code, fail_reason=result.fail_reason, source="dispatch",
+                )  # fmt: skip
+            else:
+                await move(conn, svc, a, new, bank_ref=result.bank_ref, source="dispatch")
+            return True
+        if isinstance(result, Rejected):
+            err = {**_error(result), "pre_execution": result.pre_execution}
+            if result.pre_execution and a["status"] == "accepted":
+                await fail_over(conn, svc, a, err, source="dispatch")
+            else:
+                await move(conn, svc, a, "failed", error=err, source="dispatch")
+            return True
+        if isinstance(result, NotSent):
+            if a["status"] != "accepted":
+                return False  # an unknown attempt stays with the poller; retry the re-send
+            count = a["not_sent_count"] + 1
+            if count > svc.cfg.dispatch.not_sent_retries:
+                await fail_over(
+                    conn, svc, a, {**_error(result), "not_sent": count}, source="dispatch"
+                )
+                return True
+            await q.update_attempt(conn, a["id"], svc.clock(), not_sent_count=count)
+            return False
+        # OutcomeUnknown: the bank may have paid. Never fail over, never fail: ask it later.
+        if not await move(conn, svc, a, "unknown", error=_error(result), source="dispatch"):
+            await q.update_attempt(
+                conn,
+                a["id"],
+                svc.clock(),
+                next_query_at=svc.clock() + timedelta(seconds=query_delay(svc, 0)),
+            )
+        return True
+
+
+class Poller(_Loop):
+    """Asks banks about `sent`, `processing` and `unknown` attempts on a back-off schedule."""
+
+    name = "poller"
+
+    def __init__(self, svc: Services) -> None:
+        super().__init__(svc, capacity=svc.cfg.dispatch.max_in_flight_per_funder)
+
+    async def claim(self, conn: q.Conn, n: int) -> list[asyncpg.Record]:
+        return await q.claim_queries(conn, n, self.svc.cfg.dispatch.lease_seconds)
+
+    async def handle(self, row: asyncpg.Record) -> None:
+        svc = self.svc
+        connector = svc.connectors[row["funder_id"]]
+        started = time.perf_counter()
+        outcome: ConnectorOutcome = "ok"
+        result: PayoutResult | None = None
+        try:
+            result = await connector.query(row["order_no"])
+        except NotSent:
+            outcome = "not_sent"
+        except OutcomeUnknown:
+            outcome = "unknown"
+        except Rejected:
+            outcome = "rejected"
+        except Exception:
+            log.exception("connector.unexpected_error", order_no=row["order_no"])
+            outcome = "unknown"
+        svc.metrics.observe_connector_call(
+            row["funder_id"], connector.name, "query", outcome, time.perf_counter() - started
+        )
+        async with svc.pool.acquire() as conn, conn.transaction():
+            a = await q.lock_attempt(conn, row["id"])
+            if a is None or a["status"] not in states.QUERYABLE:
+                return
+            moved = False
+            if result is not None and result.status in (
+                BankStatus.ACCEPTED,
+                BankStatus.PROCESSING,
+                BankStatus.SUCCEEDED,
+                BankStatus.FAILED,
+            ):
+                status = result.status
+                if status == BankStatus.ACCEPTED and a["status"] == "unknown":
+                    status = BankStatus.PROCESSING
+                moved = await apply_bank_status(
+                    conn, svc, a, status, bank_ref=result.bank_ref, fail_code=result.fail_code,
+                    fail_reason=result.fail_reason, source="query",
+                )  # fmt: skip
+            elif result is not None and result.status == BankStatus.NOT_FOUND:
+                # the bank never executed it: re-send the same order number (idempotent there)
+                if not await conn.fetchval(
+                    "SELECT 1 FROM outbox WHERE kind = 'dispatch' AND ref_id = $1", a["id"]
+                ):
+                    await q.enqueue(conn, "dispatch", a["id"], funder_id=a["funder_id"])
+                    log.info("bank.not_found_resend", order_no=a["order_no"])
+            if moved:
+                return
+            count = a["query_count"] + 1
+            now = svc.clock()
+            fields: dict[str, Any] = {
+                "query_count": count,
+                "next_query_at": now + timedelta(seconds=query_delay(svc, count)),
+            }
+            if (
+                a["status"] == "unknown"
+                and a["escalated_at"] is None
+                and a["unknown_since"] is not None
+                and (now - a["unknown_since"]).total_seconds()
+                >= svc.cfg.dispatch.escalate_after_seconds
+            ):
+                fields["escalated_at"] = now
+                await q.voucher(
+                    conn,
+                    "attempt.escalated",
+                    {"txn_no": a["txn_no"], "order_no": a["order_no"], "status": "unknown"},
+                    a["txn_no"],
+                )
+                svc.metrics.attempt_escalated(a["funder_id"])
+                log.error("attempt.escalated", order_no=a["order_no"], txn_no=a["txn_no"])
+            await q.update_attempt(conn, a["id"], now, **fields)

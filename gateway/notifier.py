@@ -1,0 +1,100 @@
+"""Outcome webhooks to the lending core from the durable outbox: signed, retried until a 2xx.
+
+A short burst of in-process retries (tenacity) rides out a blip; after that the row waits in
+the outbox with a growing delay, so nothing is lost across restarts. Delivery is at least
+once: the lending core deduplicates by `txn_no` + `status`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+import asyncpg
+import httpx
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from gateway.context import Services
+from gateway.dispatcher import _Loop
+from gateway.store import queries as q
+
+log = structlog.get_logger("fundgate.notifier")
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """`hex(hmac_sha256(secret, timestamp + "." + body))`, as CONTRACT.md specifies."""
+    return hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+class WebhookRefused(Exception):
+    pass
+
+
+class Notifier(_Loop):
+    name = "notifier"
+
+    def __init__(self, svc: Services) -> None:
+        super().__init__(svc, capacity=16)
+
+    async def claim(self, conn: q.Conn, n: int) -> list[asyncpg.Record]:
+        if self.svc.cfg.lending_core is None:
+            return []
+        return await q.claim(conn, "webhook", n, self.svc.cfg.dispatch.lease_seconds)
+
+    async def _post(self, payload: dict[str, Any]) -> None:
+        lc = self.svc.cfg.lending_core
+        assert lc is not None
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        ts = str(int(time.time()))
+        resp = await self.svc.http.post(
+            lc.webhook_url,
+            content=body,
+            headers={
+                "Content-Type": "application/json",
+                "X-Fundgate-Timestamp": ts,
+                "X-Fundgate-Signature": sign(lc.webhook_secret.get_secret_value(), ts, body),
+            },
+            timeout=httpx.Timeout(10.0, connect=3.0),
+        )
+        if not 200 <= resp.status_code < 300:
+            raise WebhookRefused(f"lending core answered {resp.status_code}")
+
+    async def handle(self, row: asyncpg.Record) -> None:
+        payload = row["payload"]
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(3),
+                wait=wait_exponential(multiplier=0.1, max=1),
+                retry=retry_if_exception_type((httpx.TransportError, WebhookRefused)),
+                reraise=True,
+            ):
+                with attempt:
+                    await self._post(payload)
+        except (httpx.HTTPError, WebhookRefused) as e:
+            steps = self.svc.cfg.dispatch.webhook_backoff_seconds
+            delay = steps[min(row["tries"] - 1, len(steps) - 1)]
+            async with self.svc.pool.acquire() as conn:
+                await q.retry_outbox(conn, row["id"], delay, str(e) or type(e).__name__)
+            self.svc.metrics.webhook("failed")
+            log.warning(
+                "webhook.retry_later",
+                txn_no=payload.get("txn_no"),
+                status=payload.get("status"),
+                tries=row["tries"],
+                delay_s=delay,
+                error=str(e) or type(e).__name__,
+            )
+            return
+        async with self.svc.pool.acquire() as conn:
+            await q.finish_outbox(conn, row["id"])
+        self.svc.metrics.webhook("delivered")
+        log.info("webhook.delivered", txn_no=payload.get("txn_no"), status=payload.get("status"))

@@ -1,0 +1,230 @@
+"""Applying what a bank said to an attempt, in one transaction with the limit movement, the
+outbox row and the voucher. Used by the dispatcher, the poller and the callback handler alike,
+so the state machine has exactly one implementation.
+
+Every function here expects the attempt row locked by `queries.lock_attempt` in the caller's
+transaction.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import structlog
+
+from config.models import Term
+from connectors.base import BankStatus
+from gateway import states
+from gateway.context import Services
+from gateway.disbursements import funder_states, load_resource, order_no, reserve_for
+from gateway.store import queries as q
+from routing import LoanTerms, allocate, candidates
+
+log = structlog.get_logger("fundgate.outcomes")
+
+BANK_TO_STATE: dict[BankStatus, str] = {
+    BankStatus.ACCEPTED: "sent",
+    BankStatus.PROCESSING: "processing",
+    BankStatus.SUCCEEDED: "succeeded",
+    BankStatus.FAILED: "failed",
+}
+
+
+def query_delay(svc: Services, query_count: int) -> float:
+    """Back-off for status queries: the configured steps, then the last step forever."""
+    steps = svc.cfg.dispatch.query_backoff_seconds
+    return steps[min(query_count, len(steps) - 1)]
+
+
+async def _event(conn: q.Conn, kind: str, a: asyncpg.Record, status: str, **extra: Any) -> None:
+    await q.voucher(
+        conn,
+        kind,
+        {
+            "txn_no": a["txn_no"],
+            "order_no": a["order_no"],
+            "attempt": a["n"],
+            "funder_id": a["funder_id"],
+            "status": status,
+            "amount": a["amount"],
+            **extra,
+        },
+        a["txn_no"],
+    )
+
+
+async def move(
+    conn: q.Conn,
+    svc: Services,
+    a: asyncpg.Record,
+    new: str,
+    *,
+    bank_ref: str | None = None,
+    error: dict[str, Any] | None = None,
+    source: str,
+) -> bool:
+    """Move a locked attempt (and its disbursement) to `new`; False when that would not be a
+    forward step (a late or duplicate report): then nothing changes."""
+    if not states.can_move(a["status"], new):
+        return False
+    now = svc.clock()
+    fields: dict[str, Any] = {"status": new}
+    if bank_ref is not None:
+        fields["bank_ref"] = bank_ref
+    if error is not None:
+        fields["error"] = error
+    if new in states.TERMINAL:
+        fields["next_query_at"] = None
+    elif new in states.QUERYABLE:
+        if a["next_query_at"] is None or new != a["status"]:
+            fields["next_query_at"] = now + timedelta(seconds=query_delay(svc, 0))
+            fields["query_count"] = 0
+        if new == "unknown" and a["unknown_since"] is None:
+            fields["unknown_since"] = now
+    await q.update_attempt(conn, a["id"], now, **fields)
+
+    d_fields: dict[str, Any] = {"status": new}
+    if new == "failed":
+        d_fields["failure"] = error or {"code": "failed", "message": "the bank failed the payout"}
+        await q.release(conn, q.funder_scope(a["funder_id"]), a["business_day"], a["amount"])
+        await q.release(conn, q.PLATFORM_SCOPE, a["business_day"], a["amount"])
+        await q.return_prefund(conn, a["funder_id"], a["alloc_platform"])
+    await q.update_disbursement(conn, a["disbursement_id"], now, **d_fields)
+    await _event(conn, f"disbursement.{new}", a, new, source=source, bank_ref=bank_ref)
+    if new in states.TERMINAL:
+        await _notify_lending_core(conn, svc, a["disbursement_id"])
+    svc.metrics.disbursement_transition(a["funder_id"], new)
+    log.info(
+        "disbursement.state",
+        txn_no=a["txn_no"],
+        order_no=a["order_no"],
+        funder_id=a["funder_id"],
+        previous=a["status"],
+        status=new,
+        source=source,
+    )
+    return True
+
+
+async def _notify_lending_core(conn: q.Conn, svc: Services, disbursement_id: int) -> None:
+    if svc.cfg.lending_core is None:
+        return
+    body = await load_resource(conn, disbursement_id)
+    await q.enqueue(conn, "webhook", disbursement_id, payload=body)
+
+
+async def apply_bank_status(
+    conn: q.Conn,
+    svc: Services,
+    a: asyncpg.Record,
+    status: BankStatus,
+    *,
+    bank_ref: str | None,
+    fail_code: str | None = None,
+    fail_reason: str | None = None,
+    source: str,
+) -> bool:
+    """A definite bank status (accepted/processing/succeeded/failed) for this order."""
+    new = BANK_TO_STATE.get(status)
+    if new is None:
+        return False
+    error = None
+    if new == "failed":
+        error = {"code": fail_code or "bank_failed", "message": fail_reason or "failed at bank"}
+    return await move(conn, svc, a, new, bank_ref=bank_ref, error=error, source=source)
+
+
+async def fail_over(
+    conn: q.Conn, svc: Services, a: asyncpg.Record, error: dict[str, Any], *, source: str
+) -> str:
+    """The attempt definitely moved no money: close it and route to the next eligible funder,
+    or fail the disbursement when none is left. Returns the new funder id or "failed"."""
+    if not states.can_move(a["status"], "failed") or a["status"] != "accepted":
+        raise AssertionError(f"fail-over from {a['status']} would risk a double payment")
+    now = svc.clock()
+    day = a["business_day"]
+    await q.update_attempt(conn, a["id"], now, status="failed", error=error, next_query_at=None)
+    await q.release(conn, q.funder_scope(a["funder_id"]), day, a["amount"])
+    await q.return_prefund(conn, a["funder_id"], a["alloc_platform"])
+    await _event(conn, "attempt.failed", a, "failed", source=source, error=error)
+    svc.metrics.disbursement_transition(a["funder_id"], "rerouted")
+
+    d = await q.get_disbursement_by_id(conn, a["disbursement_id"])
+    assert d is not None
+    tried = {r["funder_id"] for r in (await q.attempts_of(conn, [d["id"]]))[d["id"]]}
+    loan = LoanTerms(
+        amount=d["amount"],
+        term=Term(unit=d["term_unit"], count=d["term_count"]),
+        apr=d["apr"],
+        product=d["product"],
+        repayment=d["repayment"],
+    )
+    usage = await q.usage(conn, day)
+    prefund = await q.prefund_balances(conn)
+    order, _ = candidates(
+        svc.cfg.funders, loan, funder_states(svc, usage, prefund), exclude=frozenset(tried)
+    )
+    for f in order:
+        alloc = allocate(d["amount"], f.platform_share)
+        if not await reserve_for(conn, f, day, d["amount"], alloc.platform):
+            continue
+        n = a["n"] + 1
+        await q.route_disbursement(
+            conn, d["id"], funder_id=f.id, mode=f.mode, alloc_funder=alloc.funder,
+            alloc_platform=alloc.platform, now=now,
+        )  # fmt: skip
+        new_id = await q.insert_attempt(
+            conn,
+            {
+                "disbursement_id": d["id"],
+                "n": n,
+                "funder_id": f.id,
+                "order_no": order_no(d["txn_no"], n),
+                "status": "accepted",
+                "mode": f.mode,
+                "alloc_funder": alloc.funder,
+                "alloc_platform": alloc.platform,
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
+        await q.enqueue(conn, "dispatch", new_id, funder_id=f.id)
+        await q.voucher(
+            conn,
+            "disbursement.rerouted",
+            {
+                "txn_no": d["txn_no"],
+                "from_funder": a["funder_id"],
+                "funder_id": f.id,
+                "order_no": order_no(d["txn_no"], n),
+                "attempt": n,
+                "amount": d["amount"],
+                "allocation": {"funder": alloc.funder, "platform": alloc.platform},
+            },
+            d["txn_no"],
+        )
+        log.warning(
+            "disbursement.rerouted",
+            txn_no=d["txn_no"],
+            from_funder=a["funder_id"],
+            funder_id=f.id,
+            reason=error.get("code"),
+        )
+        return f.id
+
+    # nobody else can take it: the disbursement fails and the platform limit comes back
+    await q.release(conn, q.PLATFORM_SCOPE, day, d["amount"])
+    failure = {"code": "no_funder_left", "message": "every eligible funder refused", **error}
+    await q.update_disbursement(conn, d["id"], now, status="failed", failure=failure)
+    await q.voucher(
+        conn,
+        "disbursement.failed",
+        {"txn_no": d["txn_no"], "status": "failed", "amount": d["amount"], "failure": failure},
+        d["txn_no"],
+    )
+    await _notify_lending_core(conn, svc, d["id"])
+    svc.metrics.disbursement_transition(a["funder_id"], "failed")
+    log.warning("disbursement.failed", txn_no=d["txn_no"], reason=failure["code"])
+    return "failed"

@@ -1,0 +1,441 @@
+"""Every query of the disbursement path. Functions take a connection; callers own the
+transaction (the unit of work), so a state change, its limit movement, its outbox row and its
+voucher event commit together or not at all."""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime
+from typing import Any
+
+import asyncpg
+
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+DISPATCH_CHANNEL = "fundgate_dispatch"
+
+
+def funder_scope(funder_id: str) -> str:
+    return f"funder:{funder_id}"
+
+
+PLATFORM_SCOPE = "platform"
+
+# ---------------------------------------------------------------- whitelist
+
+
+async def upsert_account(
+    conn: Conn, borrower_id: str, account_no: str, account_name: str, bank_code: str
+) -> bool:
+    """True when the account is new for that borrower."""
+    row = await conn.fetchrow(
+        """
+        INSERT INTO borrower_accounts (borrower_id, account_no, account_name, bank_code)
+        VALUES ($1, $2, $3, $4)
+        ON CONFLICT (borrower_id, account_no) DO UPDATE
+           SET account_name = EXCLUDED.account_name, bank_code = EXCLUDED.bank_code
+        RETURNING (xmax = 0) AS inserted
+        """,
+        borrower_id,
+        account_no,
+        account_name,
+        bank_code,
+    )
+    assert row is not None
+    return bool(row["inserted"])
+
+
+async def delete_account(conn: Conn, borrower_id: str, account_no: str) -> bool:
+    status = await conn.execute(
+        "DELETE FROM borrower_accounts WHERE borrower_id = $1 AND account_no = $2",
+        borrower_id,
+        account_no,
+    )
+    return status != "DELETE 0"
+
+
+async def list_accounts(conn: Conn, borrower_id: str) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT * FROM borrower_accounts WHERE borrower_id = $1 ORDER BY created_at, account_no",
+        borrower_id,
+    )
+
+
+async def get_account(conn: Conn, borrower_id: str, account_no: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT * FROM borrower_accounts WHERE borrower_id = $1 AND account_no = $2",
+        borrower_id,
+        account_no,
+    )
+
+
+# ---------------------------------------------------------------- limits and prefund
+
+
+async def seed_prefund(conn: Conn, balances: dict[str, int]) -> None:
+    """First sight of a co-lending funder: its configured prefund becomes the opening balance."""
+    if balances:
+        await conn.executemany(
+            "INSERT INTO prefund (funder_id, balance) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            list(balances.items()),
+        )
+
+
+async def usage(conn: Conn, day: date) -> dict[str, int]:
+    rows = await conn.fetch("SELECT scope, used FROM limit_usage WHERE business_day = $1", day)
+    return {r["scope"]: r["used"] for r in rows}
+
+
+async def prefund_balances(conn: Conn) -> dict[str, int]:
+    rows = await conn.fetch("SELECT funder_id, balance FROM prefund")
+    return {r["funder_id"]: r["balance"] for r in rows}
+
+
+async def reserve(conn: Conn, scope: str, day: date, amount: int, cap: int) -> bool:
+    """Add `amount` to the day's usage unless that would pass `cap`; never overshoots, however
+    many processes reserve at once (the row lock orders them, the WHERE re-checks)."""
+    if amount > cap:
+        return False
+    row = await conn.fetchrow(
+        """
+        INSERT INTO limit_usage AS u (scope, business_day, used) VALUES ($1, $2, $3)
+        ON CONFLICT (scope, business_day) DO UPDATE SET used = u.used + EXCLUDED.used
+         WHERE u.used + EXCLUDED.used <= $4
+        RETURNING used
+        """,
+        scope,
+        day,
+        amount,
+        cap,
+    )
+    return row is not None
+
+
+async def release(conn: Conn, scope: str, day: date, amount: int) -> None:
+    await conn.execute(
+        "UPDATE limit_usage SET used = used - $3 WHERE scope = $1 AND business_day = $2",
+        scope,
+        day,
+        amount,
+    )
+
+
+async def take_prefund(conn: Conn, funder_id: str, amount: int) -> bool:
+    if amount == 0:
+        return True
+    status = await conn.execute(
+        "UPDATE prefund SET balance = balance - $2, updated_at = now()"
+        " WHERE funder_id = $1 AND balance >= $2",
+        funder_id,
+        amount,
+    )
+    return status == "UPDATE 1"
+
+
+async def return_prefund(conn: Conn, funder_id: str, amount: int) -> None:
+    if amount:
+        await conn.execute(
+            "UPDATE prefund SET balance = balance + $2, updated_at = now() WHERE funder_id = $1",
+            funder_id,
+            amount,
+        )
+
+
+# ---------------------------------------------------------------- disbursements
+
+
+async def find_by_txn(conn: Conn, txn_no: str) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM disbursements WHERE txn_no = $1", txn_no)
+
+
+async def insert_disbursement(conn: Conn, values: dict[str, Any]) -> int | None:
+    """Insert unless the txn_no exists; a concurrent duplicate waits here for the first one's
+    commit and then gets None (the unique index settles the race)."""
+    cols = list(values)
+    placeholders = ", ".join(f"${i}" for i in range(1, len(cols) + 1))
+    row = await conn.fetchrow(
+        f"INSERT INTO disbursements ({', '.join(cols)}) VALUES ({placeholders})"
+        " ON CONFLICT (txn_no) DO NOTHING RETURNING id",
+        *values.values(),
+    )
+    return None if row is None else int(row["id"])
+
+
+async def set_first_response(conn: Conn, disbursement_id: int, body: dict[str, Any]) -> None:
+    await conn.execute(
+        "UPDATE disbursements SET first_response = $2 WHERE id = $1", disbursement_id, body
+    )
+
+
+async def route_disbursement(
+    conn: Conn,
+    disbursement_id: int,
+    *,
+    funder_id: str,
+    mode: str,
+    alloc_funder: int,
+    alloc_platform: int,
+    now: datetime,
+) -> None:
+    await conn.execute(
+        """UPDATE disbursements SET funder_id = $2, mode = $3, alloc_funder = $4,
+                  alloc_platform = $5, updated_at = $6 WHERE id = $1""",
+        disbursement_id,
+        funder_id,
+        mode,
+        alloc_funder,
+        alloc_platform,
+        now,
+    )
+
+
+async def insert_attempt(conn: Conn, values: dict[str, Any]) -> int:
+    cols = list(values)
+    placeholders = ", ".join(f"${i}" for i in range(1, len(cols) + 1))
+    row = await conn.fetchrow(
+        f"INSERT INTO attempts ({', '.join(cols)}) VALUES ({placeholders}) RETURNING id",
+        *values.values(),
+    )
+    assert row is not None
+    return int(row["id"])
+
+
+async def attempts_of(conn: Conn, disbursement_ids: list[int]) -> dict[int, list[asyncpg.Record]]:
+    rows = await conn.fetch(
+        "SELECT * FROM attempts WHERE disbursement_id = ANY($1::bigint[])"
+        " ORDER BY disbursement_id, n",
+        disbursement_ids,
+    )
+    out: dict[int, list[asyncpg.Record]] = {i: [] for i in disbursement_ids}
+    for r in rows:
+        out[r["disbursement_id"]].append(r)
+    return out
+
+
+async def lock_attempt(conn: Conn, attempt_id: int) -> asyncpg.Record | None:
+    """The attempt and its disbursement, both locked for this transaction."""
+    return await conn.fetchrow(
+        """
+        SELECT a.*, d.txn_no, d.amount, d.currency, d.business_day, d.status AS d_status,
+               d.payee_account_no, d.payee_account_name, d.payee_bank_code,
+               d.amount AS d_amount
+          FROM attempts a JOIN disbursements d ON d.id = a.disbursement_id
+         WHERE a.id = $1
+           FOR UPDATE OF a, d
+        """,
+        attempt_id,
+    )
+
+
+async def attempt_by_order(conn: Conn, order_no: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT id, funder_id, status FROM attempts WHERE order_no = $1", order_no
+    )
+
+
+async def load_attempt(conn: Conn, attempt_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        """
+        SELECT a.*, d.txn_no, d.amount, d.currency, d.business_day, d.status AS d_status,
+               d.payee_account_no, d.payee_account_name, d.payee_bank_code
+          FROM attempts a JOIN disbursements d ON d.id = a.disbursement_id
+         WHERE a.id = $1
+        """,
+        attempt_id,
+    )
+
+
+async def update_attempt(conn: Conn, attempt_id: int, now: datetime, **fields: Any) -> None:
+    sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(fields, start=3))
+    await conn.execute(
+        f"UPDATE attempts SET updated_at = $2, {sets} WHERE id = $1",
+        attempt_id,
+        now,
+        *fields.values(),
+    )
+
+
+async def update_disbursement(
+    conn: Conn, disbursement_id: int, now: datetime, **fields: Any
+) -> None:
+    sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(fields, start=3))
+    await conn.execute(
+        f"UPDATE disbursements SET updated_at = $2, {sets} WHERE id = $1",
+        disbursement_id,
+        now,
+        *fields.values(),
+    )
+
+
+async def get_disbursement_by_id(conn: Conn, disbursement_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM disbursements WHERE id = $1", disbursement_id)
+
+
+async def list_disbursements(
+    conn: Conn,
+    *,
+    status: str | None,
+    funder_id: str | None,
+    created_from: datetime | None,
+    created_to: datetime | None,
+    before_id: int | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """
+        SELECT * FROM disbursements
+         WHERE ($1::text IS NULL OR status = $1)
+           AND ($2::text IS NULL OR funder_id = $2)
+           AND ($3::timestamptz IS NULL OR created_at >= $3)
+           AND ($4::timestamptz IS NULL OR created_at < $4)
+           AND ($5::bigint IS NULL OR id < $5)
+         ORDER BY id DESC
+         LIMIT $6
+        """,
+        status,
+        funder_id,
+        created_from,
+        created_to,
+        before_id,
+        limit,
+    )
+
+
+async def in_flight_counts(conn: Conn) -> dict[str, dict[str, int]]:
+    rows = await conn.fetch(
+        "SELECT funder_id, status, count(*) AS n FROM attempts"
+        " WHERE status IN ('accepted', 'sent', 'processing', 'unknown')"
+        " GROUP BY funder_id, status"
+    )
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        out.setdefault(r["funder_id"], {})[r["status"]] = r["n"]
+    return out
+
+
+# ---------------------------------------------------------------- outbox
+
+
+async def enqueue(
+    conn: Conn,
+    kind: str,
+    ref_id: int,
+    *,
+    funder_id: str | None = None,
+    payload: Any = None,
+    delay_seconds: float = 0,
+) -> None:
+    await conn.execute(
+        """INSERT INTO outbox (kind, ref_id, funder_id, payload, available_at)
+           VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))""",
+        kind,
+        ref_id,
+        funder_id,
+        payload,
+        float(delay_seconds),
+    )
+    if kind == "dispatch":
+        await conn.execute("SELECT pg_notify($1, $2)", DISPATCH_CHANNEL, funder_id or "")
+
+
+async def claim(conn: Conn, kind: str, limit: int, lease_seconds: float) -> list[asyncpg.Record]:
+    """Lease up to `limit` ready rows; a lease that expires (the holder died) frees the row."""
+    return await conn.fetch(
+        """
+        UPDATE outbox SET leased_until = now() + make_interval(secs => $3), tries = tries + 1
+         WHERE id IN (SELECT id FROM outbox
+                       WHERE kind = $1 AND available_at <= now()
+                         AND (leased_until IS NULL OR leased_until < now())
+                       ORDER BY available_at, id
+                       LIMIT $2
+                         FOR UPDATE SKIP LOCKED)
+        RETURNING id, ref_id, funder_id, payload, tries
+        """,
+        kind,
+        limit,
+        float(lease_seconds),
+    )
+
+
+async def finish_outbox(conn: Conn, outbox_id: int) -> None:
+    await conn.execute("DELETE FROM outbox WHERE id = $1", outbox_id)
+
+
+async def retry_outbox(conn: Conn, outbox_id: int, delay_seconds: float, error: str) -> None:
+    await conn.execute(
+        """UPDATE outbox SET leased_until = NULL, last_error = $3,
+                  available_at = now() + make_interval(secs => $2) WHERE id = $1""",
+        outbox_id,
+        float(delay_seconds),
+        error[:500],
+    )
+
+
+async def outbox_stats(conn: Conn) -> dict[str, tuple[int, float]]:
+    rows = await conn.fetch(
+        "SELECT kind, count(*) AS n,"
+        " coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS age"
+        " FROM outbox GROUP BY kind"
+    )
+    return {r["kind"]: (r["n"], r["age"]) for r in rows}
+
+
+# ---------------------------------------------------------------- poller
+
+
+async def claim_queries(conn: Conn, limit: int, lease_seconds: float) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """
+        UPDATE attempts SET next_query_at = now() + make_interval(secs => $2)
+         WHERE id IN (SELECT id FROM attempts
+                       WHERE next_query_at <= now()
+                         AND status IN ('sent', 'processing', 'unknown')
+                       ORDER BY next_query_at
+                       LIMIT $1
+                         FOR UPDATE SKIP LOCKED)
+        RETURNING id, funder_id, order_no, status, query_count
+        """,
+        limit,
+        float(lease_seconds),
+    )
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+async def remember_nonce(conn: Conn, funder_id: str, nonce: str) -> bool:
+    """False when the nonce was seen before (a replayed callback)."""
+    row = await conn.fetchrow(
+        "INSERT INTO callback_nonces (funder_id, nonce) VALUES ($1, $2)"
+        " ON CONFLICT DO NOTHING RETURNING 1",
+        funder_id,
+        nonce,
+    )
+    return row is not None
+
+
+async def forget_nonces(conn: Conn, older_than_seconds: float) -> None:
+    await conn.execute(
+        "DELETE FROM callback_nonces WHERE seen_at < now() - make_interval(secs => $1)",
+        float(older_than_seconds),
+    )
+
+
+# ---------------------------------------------------------------- vouchers
+
+
+def canonical(event: dict[str, Any]) -> str:
+    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+async def voucher(conn: Conn, kind: str, event: dict[str, Any], txn_no: str | None) -> None:
+    await conn.execute(
+        "INSERT INTO voucher_events (kind, txn_no, event) VALUES ($1, $2, $3)",
+        kind,
+        txn_no,
+        canonical(event),
+    )
+
+
+async def vouchers_of(conn: Conn, txn_no: str) -> list[asyncpg.Record]:
+    return await conn.fetch("SELECT * FROM voucher_events WHERE txn_no = $1 ORDER BY id", txn_no)
