@@ -147,7 +147,6 @@ class DispatchConfig(_Model):
     webhook_backoff_seconds: list[float] = Field(
         default_factory=lambda: [1.0, 5.0, 30.0, 120.0, 600.0], min_length=1
     )
-    bank_timeout_seconds: float = Field(default=10, gt=0)
 
 
 class ReconciliationConfig(_Model):
