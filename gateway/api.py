@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import structlog
@@ -18,13 +19,30 @@ from gateway.disbursements import iso, render, submit
 from gateway.errors import NotFound, Unauthorized, Unprocessable
 from gateway.http import CLIENT_KEY, json_response, read_model, scoped
 from gateway.masking import mask_account, mask_name
-from gateway.schemas import AccountIn, DisbursementRequest
+from gateway.openapi import Param, Route, add_routes, document
+from gateway.schemas import (
+    TXN_NO_PATTERN,
+    AccountIn,
+    AccountList,
+    AccountOut,
+    Disbursement,
+    DisbursementList,
+    DisbursementRequest,
+    ErrorOut,
+    FunderList,
+    Health,
+    VoucherList,
+)
 from gateway.store import db
 from gateway.store import queries as q
 
 log = structlog.get_logger("fundgate.api")
 
 SERVICES = web.AppKey("services", Services)
+try:
+    __version__ = version("fundgate")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0.0.0"
 
 # banks sign a callback at most this long before we see it (CONTRACT.md: ±300 s)
 NONCE_RETENTION_SECONDS = 900
@@ -340,21 +358,62 @@ async def metrics(request: web.Request) -> web.Response:
     return resp
 
 
-def api_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_post("/v1/disbursements", create_disbursement)
-    r.add_get("/v1/disbursements", list_disbursements)
-    r.add_get("/v1/disbursements/{txn_no}", get_disbursement)
-    r.add_get("/v1/disbursements/{txn_no}/vouchers", list_vouchers)
-    r.add_put("/v1/borrowers/{borrower_id}/accounts", put_account)
-    r.add_get("/v1/borrowers/{borrower_id}/accounts", list_accounts)
-    r.add_delete("/v1/borrowers/{borrower_id}/accounts/{account_no}", delete_account)
-    r.add_get("/v1/funders", list_funders)
-    r.add_post("/v1/callbacks/{funder_id}", bank_callback)
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(request.app[OPENAPI])
 
 
-def ops_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/healthz", healthz)
-    r.add_get("/readyz", readyz)
-    r.add_get("/metrics", metrics)
+OPENAPI = web.AppKey("openapi", dict)
+
+_TXN = Param("txn_no", "path", {"type": "string", "pattern": TXN_NO_PATTERN})
+_BORROWER = Param("borrower_id", "path", {"type": "string", "minLength": 1, "maxLength": 64})
+
+API_ROUTES: list[Route] = [
+    Route("POST", "/v1/disbursements", create_disbursement, "Submit a disbursement",
+          scope="disburse", body=DisbursementRequest,
+          responses={201: Disbursement, 200: Disbursement, 409: ErrorOut}),
+    Route("GET", "/v1/disbursements", list_disbursements, "List disbursements, newest first",
+          scope="read", responses={200: DisbursementList}, params=(
+              Param("status", "query", {"type": "string", "enum": list(states.STATES)}),
+              Param("funder_id", "query", {"type": "string"}),
+              Param("created_from", "query", {"type": "string", "format": "date-time"}),
+              Param("created_to", "query", {"type": "string", "format": "date-time"}),
+              Param("cursor", "query", {"type": "string"}),
+              Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 500}),
+          )),
+    Route("GET", "/v1/disbursements/{txn_no}", get_disbursement, "One disbursement",
+          scope="read", responses={200: Disbursement, 404: ErrorOut}, params=(_TXN,)),
+    Route("GET", "/v1/disbursements/{txn_no}/vouchers", list_vouchers,
+          "The vouchers of one disbursement", scope="read",
+          responses={200: VoucherList, 404: ErrorOut}, params=(_TXN,)),
+    Route("PUT", "/v1/borrowers/{borrower_id}/accounts", put_account,
+          "Register a payee account (whitelist)", scope="disburse", body=AccountIn,
+          responses={201: AccountOut, 200: AccountOut}, params=(_BORROWER,)),
+    Route("GET", "/v1/borrowers/{borrower_id}/accounts", list_accounts,
+          "A borrower's registered accounts, masked", scope="read",
+          responses={200: AccountList}, params=(_BORROWER,)),
+    Route("DELETE", "/v1/borrowers/{borrower_id}/accounts/{account_no}", delete_account,
+          "Remove a payee account", scope="disburse", responses={204: None},
+          params=(_BORROWER, Param("account_no", "path", {"type": "string"}))),
+    Route("GET", "/v1/funders", list_funders, "Funders: limits, usage, prefund, circuit",
+          scope="read", responses={200: FunderList}),
+    Route("POST", "/v1/callbacks/{funder_id}", bank_callback,
+          "A bank's signed result callback (format defined by the funder's connector)",
+          raw_body="application/json",
+          responses={200: "the bank's acknowledgement", 401: ErrorOut, 404: ErrorOut},
+          params=(Param("funder_id", "path", {"type": "string"}),)),
+]  # fmt: skip
+
+OPS_ROUTES: list[Route] = [
+    Route("GET", "/healthz", healthz, "Liveness", responses={200: Health}),
+    Route("GET", "/readyz", readyz, "Readiness: database answers, migrations current",
+          responses={200: Health, 503: Health}),
+    Route("GET", "/metrics", metrics, "Prometheus metrics",
+          responses={200: "Prometheus text format"}),
+    Route("GET", "/openapi.json", openapi, "This document", responses={200: "OpenAPI 3.1"}),
+]  # fmt: skip
+
+
+def install_routes(app: web.Application, *, api: bool) -> None:
+    routes = OPS_ROUTES + (API_ROUTES if api else [])
+    add_routes(app, routes)
+    app[OPENAPI] = document(OPS_ROUTES + API_ROUTES, version=__version__)

@@ -20,7 +20,7 @@ from aiohttp import web
 from config.models import FileConfig
 from connectors import registry
 from connectors.base import BankConnector
-from gateway.api import SERVICES, api_routes, ops_routes
+from gateway.api import SERVICES, install_routes
 from gateway.context import Services
 from gateway.dispatcher import Dispatcher, Poller
 from gateway.http import Authenticator, make_middlewares
@@ -84,9 +84,7 @@ def create_app(
     app.cleanup_ctx.append(resources)
     if role in ("all", "worker"):
         app.cleanup_ctx.append(_workers)
-    ops_routes(app)
-    if role in ("all", "api"):
-        api_routes(app)
+    install_routes(app, api=role in ("all", "api"))
     return app
 
 

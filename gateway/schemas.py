@@ -161,6 +161,7 @@ class FunderOut(BaseModel):
     used_today: int
     remaining_today: int
     prefund_balance: int | None
+    connector: str
     circuit: Literal["closed", "half_open", "open"]
     in_flight: dict[str, int]
 
@@ -179,3 +180,7 @@ class ErrorBody(BaseModel):
 
 class ErrorOut(BaseModel):
     error: ErrorBody
+
+
+class Health(BaseModel):
+    status: str
