@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from config.models import FileConfig
+from config.models import FileConfig, cross_checks
 
 CONNECTOR_GROUP = "fundgate.connectors"
 DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
@@ -83,6 +83,8 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> FileConfig:
         cfg = FileConfig.model_validate(resolved)
     except ValidationError as e:
         errors.extend(_format_validation(e))
+    if isinstance(resolved, dict):
+        errors.extend(cross_checks(resolved))
     names = known_connectors()
     for i, f in enumerate(resolved.get("funders") or []):
         if isinstance(f, dict):

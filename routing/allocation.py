@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 
 from config.models import Funder
 
@@ -26,7 +26,8 @@ def allocate(amount: int, share: Decimal | None) -> Allocation:
         return Allocation(funder=amount, platform=0)
     if not Decimal(0) < share < Decimal(1):
         raise ValueError("share must be between 0 and 1")
-    platform = int((Decimal(amount) * share).to_integral_value(rounding=ROUND_CEILING))
+    num, den = share.as_integer_ratio()
+    platform = -(-amount * num // den)  # exact ceiling in integers, whatever the share's digits
     return Allocation(funder=amount - platform, platform=platform)
 
 
