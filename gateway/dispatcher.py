@@ -145,12 +145,19 @@ class Dispatcher(_Loop):
         async with svc.pool.acquire() as conn, conn.transaction():
             locked = await q.lock_attempt(conn, a["id"])
             assert locked is not None
+            if isinstance(result, NotSent) and row["tries"] > locked["not_sent_count"] + 1:
+                # an earlier claim of this row ended without a recorded outcome (its process
+                # died or its lease ran out mid-call): that request may have reached the bank,
+                # so this attempt can no longer be failed over, only asked about
+                result = OutcomeUnknown(
+                    f"{result.message}; an earlier send of this order has no recorded outcome"
+                )
             finished = await self._apply(conn, locked, result)
             if finished:
                 await q.finish_outbox(conn, row["id"])
             else:
                 delay = svc.cfg.dispatch.not_sent_backoff_seconds * max(1, row["tries"])
-                await q.retry_outbox(conn, row["id"], delay, _error(result)["message"])  # type: ignore[arg-type]
+                await q.retry_outbox(conn, row["id"], delay, str(result))
 
     async def _call(self, connector_name: str, order: PayoutOrder) -> Result:
         svc = self.svc
