@@ -138,7 +138,12 @@ def cmd_sandbox_bank(args: argparse.Namespace) -> int:
 
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
-    asyncio.run(run_bank(options_from_args(args), host=args.host, port=args.port))
+    try:
+        opts = options_from_args(args)
+    except ValueError as e:
+        print(f"sandbox-bank: {e}", file=sys.stderr)  # noqa: T201
+        return 2
+    asyncio.run(run_bank(opts, host=args.host, port=args.port))
     return 0
 
 

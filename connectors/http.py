@@ -1,0 +1,74 @@
+"""httpx failures, translated into the connector error tree in one place.
+
+Every HTTP-based connector sends through `send` (or wraps a stream in
+`classify_transport_errors`) so that "did the bank possibly act on this?" is decided once:
+
+    NotSent         the request cannot have reached the bank: connection refused, DNS failure,
+                    connect timeout, no free pooled connection, a URL httpx cannot use
+    OutcomeUnknown  anything after the first byte may have gone out: read/write timeouts,
+                    a dropped connection, a garbled answer, and every other httpx error
+
+When in doubt the answer is `OutcomeUnknown`: it costs a status query, while a wrong
+`NotSent` may pay a borrower twice (the gateway fails `NotSent` over to another funder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+from connectors.errors import ConnectorError, NotSent, OutcomeUnknown
+
+# Raised before a single byte of the request is written. DNS failures surface as
+# ConnectError; PoolTimeout means no connection was ever handed to the request.
+_NEVER_SENT: tuple[type[Exception], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.UnsupportedProtocol,
+    httpx.InvalidURL,
+)
+
+# The longest a connect may take, whatever the request timeout: a bank that does not accept
+# the connection quickly is down, and NotSent is the cheap, safe outcome to learn early.
+MAX_CONNECT_TIMEOUT_SECONDS = 3.0
+
+
+def request_timeout(seconds: float) -> httpx.Timeout:
+    """The per-request timeout for a bank call of at most `seconds` per phase."""
+    return httpx.Timeout(seconds, connect=min(seconds, MAX_CONNECT_TIMEOUT_SECONDS))
+
+
+@contextmanager
+def classify_transport_errors(what: str) -> Iterator[None]:
+    """Re-raise httpx errors raised inside the block as `NotSent` or `OutcomeUnknown`."""
+    try:
+        yield
+    except _NEVER_SENT as e:
+        raise NotSent(f"{what}: not sent: {type(e).__name__}: {e}", code="not_sent") from e
+    except httpx.TimeoutException as e:
+        raise OutcomeUnknown(f"{what}: timed out: {type(e).__name__}", code="timeout") from e
+    except httpx.HTTPError as e:
+        raise OutcomeUnknown(
+            f"{what}: transport error after sending: {type(e).__name__}: {e}",
+            code="transport_error",
+        ) from e
+
+
+async def send(client: httpx.AsyncClient, request: httpx.Request, *, what: str) -> httpx.Response:
+    """Send `request` and read the whole answer; httpx errors come out classified."""
+    with classify_transport_errors(what):
+        return await client.send(request)
+
+
+def unexpected_status(response: httpx.Response, what: str) -> ConnectorError:
+    """The error for an HTTP status the connector gives no specific meaning.
+
+    A 5xx may come after the bank executed the order, and an unexpected 4xx (a proxy, a moved
+    endpoint) says nothing definitive about it either, so both are `OutcomeUnknown`. Connectors
+    handle the statuses their bank documents as definitive *before* calling this.
+    """
+    code = "server_error" if response.status_code >= 500 else "unexpected_status"
+    return OutcomeUnknown(f"{what}: bank answered HTTP {response.status_code}", code=code)
