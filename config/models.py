@@ -46,6 +46,8 @@ class GatewayConfig(_Model):
     platform_daily_limit: int = Field(default=50_000_000_000, gt=0)
     public_url: str = "http://127.0.0.1:8700"
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    # a request that cannot get a database connection this fast is answered 503 + Retry-After
+    db_acquire_timeout_seconds: float = Field(default=2.0, gt=0)
 
     @field_validator("timezone")
     @classmethod
@@ -150,6 +152,9 @@ class DispatchConfig(_Model):
     not_sent_retries: int = Field(default=3, ge=0)
     not_sent_backoff_seconds: float = Field(default=2, ge=0)
     poll_interval_seconds: float = Field(default=1.0, gt=0)
+    # consecutive NotSent/OutcomeUnknown answers that open a funder's circuit, and for how long
+    circuit_failure_threshold: int = Field(default=5, gt=0)
+    circuit_cooldown_seconds: float = Field(default=30, gt=0)
     webhook_backoff_seconds: list[float] = Field(
         default_factory=lambda: [1.0, 5.0, 30.0, 120.0, 600.0], min_length=1
     )

@@ -69,7 +69,7 @@ async def create_disbursement(request: web.Request) -> web.Response:
 async def get_disbursement(request: web.Request) -> web.Response:
     svc = _svc(request)
     txn_no = request.match_info["txn_no"]
-    async with svc.pool.acquire() as conn:
+    async with svc.db() as conn:
         d = await q.find_by_txn(conn, txn_no)
         if d is None:
             raise NotFound(f"no disbursement {txn_no}")
@@ -119,7 +119,7 @@ async def list_disbursements(request: web.Request) -> web.Response:
         raise Unprocessable("invalid_request", "limit must be an integer") from e
     if not 1 <= limit <= 500:
         raise Unprocessable("invalid_request", "limit must be between 1 and 500")
-    async with svc.pool.acquire() as conn:
+    async with svc.db() as conn:
         rows = await q.list_disbursements(
             conn,
             status=status,
@@ -140,7 +140,7 @@ async def list_disbursements(request: web.Request) -> web.Response:
 async def list_vouchers(request: web.Request) -> web.Response:
     svc = _svc(request)
     txn_no = request.match_info["txn_no"]
-    async with svc.pool.acquire() as conn:
+    async with svc.db() as conn:
         if await q.find_by_txn(conn, txn_no) is None:
             raise NotFound(f"no disbursement {txn_no}")
         rows = await q.vouchers_of(conn, txn_no)
@@ -183,7 +183,7 @@ async def put_account(request: web.Request) -> web.Response:
     svc = _svc(request)
     borrower_id = _borrower(request)
     body = await read_model(request, AccountIn)
-    async with svc.pool.acquire() as conn, conn.transaction():
+    async with svc.db() as conn, conn.transaction():
         created = await q.upsert_account(
             conn, borrower_id, body.account_no, body.account_name, body.bank_code
         )
@@ -207,7 +207,7 @@ async def delete_account(request: web.Request) -> web.Response:
     svc = _svc(request)
     borrower_id = _borrower(request)
     account_no = request.match_info["account_no"]
-    async with svc.pool.acquire() as conn, conn.transaction():
+    async with svc.db() as conn, conn.transaction():
         if await q.delete_account(conn, borrower_id, account_no):
             await q.voucher(
                 conn,
@@ -222,7 +222,7 @@ async def delete_account(request: web.Request) -> web.Response:
 async def list_accounts(request: web.Request) -> web.Response:
     svc = _svc(request)
     borrower_id = _borrower(request)
-    async with svc.pool.acquire() as conn:
+    async with svc.db() as conn:
         rows = await q.list_accounts(conn, borrower_id)
     return json_response({"items": [_account_out(r) for r in rows]})
 
@@ -234,10 +234,11 @@ async def list_accounts(request: web.Request) -> web.Response:
 async def list_funders(request: web.Request) -> web.Response:
     svc = _svc(request)
     day = svc.business_day()
-    async with svc.pool.acquire() as conn:
+    async with svc.db() as conn:
         usage = await q.usage(conn, day)
         prefund = await q.prefund_balances(conn)
         in_flight = await q.in_flight_counts(conn)
+        circuits = await q.circuits(conn)
     items = []
     for f in sorted(svc.cfg.funders, key=lambda f: (f.priority, f.id)):
         used = usage.get(q.funder_scope(f.id), 0)
@@ -255,7 +256,7 @@ async def list_funders(request: web.Request) -> web.Response:
                 "used_today": used,
                 "remaining_today": max(0, f.daily_limit - used),
                 "prefund_balance": prefund.get(f.id) if f.mode == "co_lending" else None,
-                "circuit": "closed",
+                "circuit": circuits.get(f.id, "closed"),
                 "in_flight": in_flight.get(f.id, {}),
             }
         )
@@ -292,7 +293,7 @@ async def bank_callback(request: web.Request) -> web.StreamResponse:
         log.warning("callback.refused", funder_id=funder_id, reason=e.reason, detail=e.message)
         raise Unauthorized("callback_refused", e.message, details={"reason": e.reason}) from e
     structlog.contextvars.bind_contextvars(order_no=event.order_no)
-    async with svc.pool.acquire() as conn, conn.transaction():
+    async with svc.db() as conn, conn.transaction():
         ref = await q.attempt_by_order(conn, event.order_no)
         if ref is None or ref["funder_id"] != funder_id:
             svc.metrics.callback(funder_id, "refused", "unknown_order")

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
 import asyncpg
 import httpx
+from asyncpg.pool import PoolConnectionProxy
 
 from config.models import FileConfig, Funder
 from connectors.base import BankConnector
+from gateway.circuit import Breaker
+from gateway.errors import Unavailable
 from gateway.metrics import Metrics
+from gateway.store import queries as q
+
+# intake may see a circuit change this much later than the process that made it
+CIRCUIT_CACHE_SECONDS = 1.0
 
 
 def utcnow() -> datetime:
@@ -27,9 +36,40 @@ class Services:
     http: httpx.AsyncClient
     clock: Callable[[], datetime] = utcnow
     funders: dict[str, Funder] = field(init=False)
+    breakers: dict[str, Breaker] = field(init=False)
+    _circuits: tuple[float, dict[str, str]] = field(init=False, default=(-1.0, {}))
 
     def __post_init__(self) -> None:
         self.funders = {f.id: f for f in self.cfg.funders}
+        d = self.cfg.dispatch
+        self.breakers = {
+            f.id: Breaker(f.id, d.circuit_failure_threshold, d.circuit_cooldown_seconds)
+            for f in self.cfg.funders
+        }
+
+    @contextlib.asynccontextmanager
+    async def db(self) -> AsyncIterator[PoolConnectionProxy]:
+        """A connection for a request; 503 + Retry-After instead of an unbounded queue."""
+        try:
+            conn = await self.pool.acquire(timeout=self.cfg.gateway.db_acquire_timeout_seconds)
+        except TimeoutError as e:
+            self.metrics.pool_exhausted()
+            raise Unavailable(
+                "overloaded", "no database connection free; retry shortly", retry_after=1
+            ) from e
+        try:
+            yield conn
+        finally:
+            await self.pool.release(conn)
+
+    async def circuits(self, conn: q.Conn) -> dict[str, str]:
+        """Circuit states of every funder as all processes see them (cached for a second)."""
+        at, states = self._circuits
+        now = time.monotonic()
+        if now - at > CIRCUIT_CACHE_SECONDS:
+            states = await q.circuits(conn)
+            self._circuits = (now, states)
+        return states
 
     def business_day(self, at: datetime | None = None) -> date:
         return (at or self.clock()).astimezone(self.cfg.gateway.zone).date()

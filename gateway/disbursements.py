@@ -77,13 +77,16 @@ class Outcome:
 
 
 def funder_states(
-    svc: Services, usage: dict[str, int], prefund: dict[str, int]
+    svc: Services,
+    usage: dict[str, int],
+    prefund: dict[str, int],
+    circuits: dict[str, str] | None = None,
 ) -> dict[str, FunderState]:
     return {
         f.id: FunderState(
             used_today=usage.get(q.funder_scope(f.id), 0),
             prefund_balance=prefund.get(f.id, 0),
-            circuit_open=False,
+            circuit_open=(circuits or {}).get(f.id) == "open",
         )
         for f in svc.cfg.funders
     }
@@ -122,7 +125,7 @@ async def _replay(conn: q.Conn, req: DisbursementRequest, digest: bytes) -> Outc
 
 async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcome:
     digest = req.canonical_hash()
-    async with svc.pool.acquire() as conn:
+    async with svc.db() as conn:
         replay = await _replay(conn, req, digest)
         if replay is not None:
             return replay
@@ -153,10 +156,11 @@ async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcom
         day = svc.business_day(now)
         usage = await q.usage(conn, day)
         prefund = await q.prefund_balances(conn)
+        circuits = await svc.circuits(conn)
         order, refusals = candidates(
             svc.cfg.funders,
             loan,
-            funder_states(svc, usage, prefund),
+            funder_states(svc, usage, prefund, circuits),
             hint=req.funder_hint,
         )
         if not order:

@@ -34,6 +34,27 @@ def _error(e: Exception) -> dict[str, Any]:
     return {"code": str(code), "message": str(getattr(e, "message", e))[:300]}
 
 
+def outcome_of(result: Result | None) -> ConnectorOutcome:
+    if isinstance(result, PayoutResult):
+        return "ok"
+    if isinstance(result, Rejected):
+        return "rejected"
+    if isinstance(result, NotSent):
+        return "not_sent"
+    return "unknown"
+
+
+async def note_circuit(conn: q.Conn, svc: Services, funder_id: str) -> None:
+    """Publish a circuit transition of this process's breaker to every process."""
+    b = svc.breakers[funder_id]
+    if not b.changed:
+        return
+    b.changed = False
+    await q.save_circuit(conn, funder_id, b.state, b.failures, b.open_until(svc.clock()))
+    svc.metrics.set_circuit_state(funder_id, b.state)
+    log.warning("circuit." + b.state, funder_id=funder_id, failures=b.failures)
+
+
 class _Loop:
     """A claim-and-handle loop with bounded concurrency, woken early by `wake()`."""
 
@@ -126,6 +147,12 @@ class Dispatcher(_Loop):
                 await q.finish_outbox(conn, row["id"])
             return
         connector = svc.connectors[a["funder_id"]]
+        breaker = svc.breakers[a["funder_id"]]
+        if not breaker.allow():
+            # the funder's circuit is open: hold the payout without calling, not a try
+            async with svc.pool.acquire() as conn:
+                await q.defer_outbox(conn, row["id"], breaker.retry_in())
+            return
         order = PayoutOrder(
             order_no=a["order_no"],
             txn_no=a["txn_no"],
@@ -142,7 +169,9 @@ class Dispatcher(_Loop):
         )
         async with self.limits[a["funder_id"]]:
             result = await self._call(connector.name, order)
+        breaker.record(outcome_of(result))
         async with svc.pool.acquire() as conn, conn.transaction():
+            await note_circuit(conn, svc, a["funder_id"])
             locked = await q.lock_attempt(conn, a["id"])
             assert locked is not None
             if isinstance(result, NotSent) and row["tries"] > locked["not_sent_count"] + 1:
@@ -268,7 +297,9 @@ class Poller(_Loop):
         svc.metrics.observe_connector_call(
             row["funder_id"], connector.name, "query", outcome, time.perf_counter() - started
         )
+        svc.breakers[row["funder_id"]].record(outcome)
         async with svc.pool.acquire() as conn, conn.transaction():
+            await note_circuit(conn, svc, row["funder_id"])
             a = await q.lock_attempt(conn, row["id"])
             if a is None or a["status"] not in states.QUERYABLE:
                 return

@@ -10,7 +10,13 @@ class ApiError(Exception):
     status = 400
 
     def __init__(
-        self, code: str, message: str, *, details: Any = None, status: int | None = None
+        self,
+        code: str,
+        message: str,
+        *,
+        details: Any = None,
+        status: int | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -18,6 +24,7 @@ class ApiError(Exception):
         self.details = details
         if status is not None:
             self.status = status
+        self.headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
 
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, "details": self.details}}

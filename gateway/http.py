@@ -40,7 +40,7 @@ def json_response(
 
 
 def error_response(e: ApiError, headers: dict[str, str] | None = None) -> web.Response:
-    return json_response(e.body(), e.status, headers)
+    return json_response(e.body(), e.status, headers or e.headers)
 
 
 def route_of(request: web.Request) -> str:

@@ -8,6 +8,8 @@ HTTP API
     fundgate_http_requests_total{route,method,status}            counter: requests answered;
         `route` is the aiohttp route template (`/v1/disbursements/{txn_no}`), not the path
     fundgate_http_request_duration_seconds{route,method}          histogram: time to answer
+    fundgate_db_pool_exhausted_total              counter: requests answered 503 because no
+        database connection was free in time (backpressure instead of an unbounded queue)
 
 Disbursements
     fundgate_disbursements_total{status,funder}                   counter: transitions of a
@@ -193,6 +195,11 @@ class Metrics:
             registry=r,
         )
 
+        self.db_pool_exhausted = Counter(
+            "fundgate_db_pool_exhausted_total",
+            "Requests answered 503 because no database connection was free in time.",
+            registry=r,
+        )
         self.circuit_state = Gauge(
             "fundgate_circuit_state",
             "Circuit breaker state per funder: 0 closed, 1 half-open, 2 open.",
@@ -266,6 +273,9 @@ class Metrics:
 
     def webhook(self, outcome: WebhookOutcome) -> None:
         self.webhooks.labels(outcome=outcome).inc()
+
+    def pool_exhausted(self) -> None:
+        self.db_pool_exhausted.inc()
 
     def set_circuit_state(self, funder: str, state: CircuitState) -> None:
         self.circuit_state.labels(funder=funder).set(_CIRCUIT_VALUES[state])

@@ -357,6 +357,16 @@ async def claim(conn: Conn, kind: str, limit: int, lease_seconds: float) -> list
     )
 
 
+async def defer_outbox(conn: Conn, outbox_id: int, delay_seconds: float) -> None:
+    """Put a claimed row back untouched: the claim did not call the bank, so it is not a try."""
+    await conn.execute(
+        """UPDATE outbox SET leased_until = NULL, tries = tries - 1,
+                  available_at = now() + make_interval(secs => $2) WHERE id = $1""",
+        outbox_id,
+        float(delay_seconds),
+    )
+
+
 async def finish_outbox(conn: Conn, outbox_id: int) -> None:
     await conn.execute("DELETE FROM outbox WHERE id = $1", outbox_id)
 
@@ -398,6 +408,42 @@ async def claim_queries(conn: Conn, limit: int, lease_seconds: float) -> list[as
         limit,
         float(lease_seconds),
     )
+
+
+# ---------------------------------------------------------------- circuits
+
+
+async def save_circuit(
+    conn: Conn, funder_id: str, state: str, failures: int, open_until: datetime | None
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO funder_circuits AS c (funder_id, state, failures, opened_at, open_until)
+        VALUES ($1, $2, $3, CASE WHEN $2 = 'open' THEN now() END, $4)
+        ON CONFLICT (funder_id) DO UPDATE
+           SET state = EXCLUDED.state, failures = EXCLUDED.failures,
+               opened_at = coalesce(EXCLUDED.opened_at, c.opened_at),
+               open_until = EXCLUDED.open_until, updated_at = now()
+        """,
+        funder_id,
+        state,
+        failures,
+        open_until,
+    )
+
+
+async def circuits(conn: Conn) -> dict[str, str]:
+    """Each funder's circuit as every process should see it now."""
+    rows = await conn.fetch(
+        """
+        SELECT funder_id,
+               CASE WHEN state = 'open' AND open_until > now() THEN 'open'
+                    WHEN state = 'open' THEN 'half_open'
+                    ELSE state END AS state
+          FROM funder_circuits
+        """
+    )
+    return {r["funder_id"]: r["state"] for r in rows}
 
 
 # ---------------------------------------------------------------- callbacks
