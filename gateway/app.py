@@ -28,6 +28,7 @@ from gateway.metrics import Metrics
 from gateway.notifier import Notifier
 from gateway.store import db
 from gateway.store import queries as q
+from gateway.vouchers import run_sealer
 
 log = structlog.get_logger("fundgate.app")
 
@@ -140,6 +141,7 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(notifier.run(stop), name="notifier"),
         asyncio.create_task(_listen(svc, dispatcher, stop), name="listen"),
         asyncio.create_task(_housekeeping(svc, stop), name="housekeeping"),
+        asyncio.create_task(run_sealer(svc.pool, stop), name="sealer"),
     ]
     app[WORKERS] = [dispatcher, poller, notifier]
     log.info("workers.started")

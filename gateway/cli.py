@@ -147,6 +147,45 @@ def cmd_sandbox_bank(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from gateway.store import db
+    from gateway.vouchers import verify
+
+    settings = Settings()
+    configure_logging(settings.log_format, "warning")
+    console = Console(stderr=True)
+
+    async def main() -> int:
+        async with db.database_url(settings) as url:
+            pool = await db.create_pool(url, min_size=1, max_size=1)
+            try:
+                async with pool.acquire() as conn:
+                    total = await conn.fetchval(
+                        "SELECT count(*) FROM voucher_events WHERE seq IS NOT NULL"
+                    )
+                    with Progress(
+                        TextColumn("verifying vouchers"), BarColumn(), MofNCompleteColumn(),
+                        console=console, transient=True,
+                    ) as progress:  # fmt: skip
+                        task = progress.add_task("verify", total=total)
+                        result = await verify(conn, progress=lambda n: progress.advance(task, n))
+            finally:
+                await pool.close()
+        if result.ok:
+            print(  # noqa: T201
+                f"voucher chain intact: {result.checked} sealed vouchers verified, "
+                f"{result.unsealed} not yet sealed"
+            )
+            return 0
+        print(f"voucher chain broken at seq {result.first_broken}: {result.problem}")  # noqa: T201
+        return 1
+
+    return asyncio.run(main())
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -177,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("migrate", help="apply database migrations, then exit")
     m.set_defaults(func=cmd_migrate)
+
+    a = sub.add_parser("audit", help="voucher chain tools")
+    asub = a.add_subparsers(dest="audit_command", required=True)
+    av = asub.add_parser("verify", help="recompute the voucher chain; exit 1 when broken")
+    av.set_defaults(func=cmd_audit_verify)
 
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)
