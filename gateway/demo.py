@@ -265,6 +265,28 @@ def _report(
     return 1 if problems else 0
 
 
+async def _verify_vouchers(url: str, console: Console) -> int:
+    import asyncpg
+
+    from gateway.vouchers import verify
+
+    conn = await asyncpg.connect(url)
+    try:
+        deadline = time.monotonic() + 10
+        while await conn.fetchval("SELECT count(*) FROM voucher_events WHERE seq IS NULL"):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        result = await verify(conn)
+    finally:
+        await conn.close()
+    if result.ok:
+        console.print(f"voucher chain intact: {result.checked} vouchers verified")
+        return 0
+    console.print(f"[red]voucher chain broken at seq {result.first_broken}: {result.problem}[/]")
+    return 1
+
+
 async def _main(args: argparse.Namespace, cfg: FileConfig, url: str, console: Console) -> int:
     from gateway.app import create_app
 
@@ -288,6 +310,7 @@ async def _main(args: argparse.Namespace, cfg: FileConfig, url: str, console: Co
                 + [f"{f.connector_options['base_url']}/_sandbox/health" for f in cfg.funders],
             )
         code = await _drive(cfg, args.count, console, receiver)
+        code = max(code, await _verify_vouchers(url, console))
         if args.keep_running:
             console.print(f"gateway at {cfg.gateway.public_url}, token {TOKEN!r}; Ctrl-C stops")
             stop = asyncio.Event()
