@@ -25,7 +25,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # route attribute: the scope a route needs; routes without it are public (ops, callbacks)
 SCOPE_KEY = "fundgate_scope"
-CLIENT_KEY = "fundgate_client"
+CLIENT_KEY = web.RequestKey("fundgate_client", Client)
 
 
 def json_response(
@@ -148,9 +148,14 @@ async def read_model(request: web.Request, model: type[M]) -> M:
     except UnicodeDecodeError as e:
         raise Unprocessable("invalid_request", "body is not valid UTF-8") from e
     try:
-        data = json.loads(text, parse_constant=_refuse_constant)
+        data = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except ValueError as e:
         raise Unprocessable("invalid_request", f"body is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise Unprocessable("invalid_request", "body is nested too deeply") from e
+    problem = _unstorable(data, MAX_JSON_DEPTH)
+    if problem is not None:
+        raise Unprocessable("invalid_request", problem)
     if not isinstance(data, dict):
         raise Unprocessable("invalid_request", "body must be a JSON object")
     try:
@@ -168,6 +173,36 @@ async def read_model(request: web.Request, model: type[M]) -> M:
         raise Unprocessable(
             "invalid_request", f"{first['field'] or 'body'}: {first['message']}", details=details
         ) from e
+
+
+# deeper than any real request; PostgreSQL's jsonb and every client stay comfortable
+MAX_JSON_DEPTH = 32
+
+
+def _unstorable(node: Any, depth: int) -> str | None:
+    """Why this JSON cannot be stored as text/jsonb (NUL characters, absurd nesting)."""
+    if depth < 0:
+        return "body is nested too deeply"
+    if isinstance(node, str):
+        return "strings must not contain NUL characters" if "\x00" in node else None
+    if isinstance(node, dict):
+        for k, v in node.items():
+            problem = _unstorable(k, depth) or _unstorable(v, depth - 1)
+            if problem:
+                return problem
+    elif isinstance(node, list):
+        for v in node:
+            problem = _unstorable(v, depth - 1)
+            if problem:
+                return problem
+    return None
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
 
 
 def _refuse_constant(name: str) -> Any:

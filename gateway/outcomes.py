@@ -88,8 +88,9 @@ async def move(
     d_fields: dict[str, Any] = {"status": new}
     if new == "failed":
         d_fields["failure"] = error or {"code": "failed", "message": "the bank failed the payout"}
-        await q.release(conn, q.funder_scope(a["funder_id"]), a["business_day"], a["amount"])
+        # platform row first: the lock order of intake, so the two never deadlock
         await q.release(conn, q.PLATFORM_SCOPE, a["business_day"], a["amount"])
+        await q.release(conn, q.funder_scope(a["funder_id"]), a["business_day"], a["amount"])
         await q.return_prefund(conn, a["funder_id"], a["alloc_platform"])
     await q.update_disbursement(conn, a["disbursement_id"], now, **d_fields)
     await _event(conn, f"disbursement.{new}", a, new, source=source, bank_ref=bank_ref)
@@ -146,6 +147,8 @@ async def fail_over(
     now = svc.clock()
     day = a["business_day"]
     await q.update_attempt(conn, a["id"], now, status="failed", error=error, next_query_at=None)
+    # platform row first, as intake does: every limit-moving transaction locks in one order
+    await q.lock_usage(conn, q.PLATFORM_SCOPE, day)
     await q.release(conn, q.funder_scope(a["funder_id"]), day, a["amount"])
     await q.return_prefund(conn, a["funder_id"], a["alloc_platform"])
     await _event(conn, "attempt.failed", a, "failed", source=source, error=error)
@@ -216,7 +219,12 @@ async def fail_over(
 
     # nobody else can take it: the disbursement fails and the platform limit comes back
     await q.release(conn, q.PLATFORM_SCOPE, day, d["amount"])
-    failure = {"code": "no_funder_left", "message": "every eligible funder refused", **error}
+    failure = {
+        **error,
+        "code": "no_funder_left",
+        "message": "every eligible funder refused",
+        "last_error": error,
+    }
     await q.update_disbursement(conn, d["id"], now, status="failed", failure=failure)
     await q.voucher(
         conn,

@@ -111,6 +111,14 @@ async def reserve(conn: Conn, scope: str, day: date, amount: int, cap: int) -> b
     return row is not None
 
 
+async def lock_usage(conn: Conn, scope: str, day: date) -> None:
+    """Lock a usage row without changing it. Transactions moving limits lock the platform row
+    before any funder row (intake's order), so they can never deadlock each other."""
+    await conn.execute(
+        "SELECT 1 FROM limit_usage WHERE scope = $1 AND business_day = $2 FOR UPDATE", scope, day
+    )
+
+
 async def release(conn: Conn, scope: str, day: date, amount: int) -> None:
     await conn.execute(
         "UPDATE limit_usage SET used = used - $3 WHERE scope = $1 AND business_day = $2",
