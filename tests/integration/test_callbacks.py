@@ -1,0 +1,183 @@
+"""Bank callbacks over HTTP: verified, applied once, never backwards, replays refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from connectors.base import BankStatus
+from tests.integration.conftest import Harness, StartGateway, eventually
+
+pytestmark = pytest.mark.integration
+
+
+async def _sent(start_gateway: StartGateway, txn_no: str) -> tuple[Harness, str]:
+    """A disbursement the bank accepted and still holds (its queries answer ACCEPTED)."""
+    h = await start_gateway()
+    await h.register()
+    await h.accepted(txn_no)
+    d = await h.wait_status(txn_no, "sent")
+    return h, d["attempts"][0]["order_no"]
+
+
+async def _post(h: Harness, funder_id: str, headers: dict[str, str], body: bytes) -> Any:
+    resp = await h.client.post(f"/v1/callbacks/{funder_id}", data=body, headers=headers)
+    text = await resp.text()
+    return resp.status, text
+
+
+def _applied(vouchers: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [v for v in vouchers if v["kind"] == kind]
+
+
+@pytest.mark.asyncio
+async def test_a_valid_callback_is_applied_once_and_acknowledged(
+    start_gateway: StartGateway,
+) -> None:
+    h, order_no = await _sent(start_gateway, "T-CB")
+    bank = h.banks["bank-a"]
+    headers, body = bank.callback(order_no, BankStatus.SUCCEEDED)
+    assert await _post(h, "bank-a", headers, body) == (200, "SUCCESS")
+
+    d = await h.get("T-CB")
+    assert d["status"] == "succeeded"
+    assert d["attempts"][0]["bank_ref"] == bank.ledger[order_no].bank_ref
+    succeeded = _applied(await h.vouchers("T-CB"), "disbursement.succeeded")
+    assert len(succeeded) == 1
+    assert succeeded[0]["event"]["source"] == "callback"
+
+
+@pytest.mark.asyncio
+async def test_the_same_event_with_a_new_nonce_is_acknowledged_and_changes_nothing(
+    start_gateway: StartGateway,
+) -> None:
+    h, order_no = await _sent(start_gateway, "T-CB-DUP")
+    bank = h.banks["bank-a"]
+    assert await h.callback("bank-a", *bank.callback(order_no, BankStatus.SUCCEEDED)) == 200
+    await eventually(lambda: _delivered(h), "the outcome webhook to be delivered")
+    before = await h.get("T-CB-DUP")
+    vouchers = await h.vouchers("T-CB-DUP")
+
+    headers, body = bank.callback(order_no, BankStatus.SUCCEEDED)  # a fresh nonce
+    assert await _post(h, "bank-a", headers, body) == (200, "SUCCESS")
+    assert await h.get("T-CB-DUP") == before
+    assert await h.vouchers("T-CB-DUP") == vouchers
+    assert await h.outbox("webhook") == []
+    assert len(h.core.deliveries) == 1
+
+
+async def _delivered(h: Harness) -> bool:
+    return bool(h.core.deliveries) and await h.outbox("webhook") == []
+
+
+@pytest.mark.parametrize("late", [BankStatus.PROCESSING, BankStatus.ACCEPTED, BankStatus.FAILED])
+@pytest.mark.asyncio
+async def test_a_late_callback_never_moves_a_terminal_disbursement_backwards(
+    start_gateway: StartGateway, late: BankStatus
+) -> None:
+    h, order_no = await _sent(start_gateway, "T-CB-LATE")
+    bank = h.banks["bank-a"]
+    assert await h.callback("bank-a", *bank.callback(order_no, BankStatus.SUCCEEDED)) == 200
+    before = await h.get("T-CB-LATE")
+    usage = await h.usage()
+
+    assert await _post(h, "bank-a", *bank.callback(order_no, late)) == (200, "SUCCESS")
+    assert await h.get("T-CB-LATE") == before
+    assert await h.usage() == usage
+
+
+@pytest.mark.asyncio
+async def test_a_stale_processing_callback_after_the_bank_reported_success_is_ignored(
+    start_gateway: StartGateway,
+) -> None:
+    h, order_no = await _sent(start_gateway, "T-CB-ORDER")
+    bank = h.banks["bank-a"]
+    processing = bank.callback(order_no, BankStatus.PROCESSING)  # signed first, arrives last
+    assert await h.callback("bank-a", *bank.callback(order_no, BankStatus.SUCCEEDED)) == 200
+    assert await h.callback("bank-a", *processing) == 200
+    assert (await h.get("T-CB-ORDER"))["status"] == "succeeded"
+
+
+@pytest.mark.asyncio
+async def test_callbacks_move_forward_through_processing_to_succeeded(
+    start_gateway: StartGateway,
+) -> None:
+    h, order_no = await _sent(start_gateway, "T-CB-FWD")
+    bank = h.banks["bank-a"]
+    assert await h.callback("bank-a", *bank.callback(order_no, BankStatus.PROCESSING)) == 200
+    assert (await h.get("T-CB-FWD"))["status"] == "processing"
+    assert await h.callback("bank-a", *bank.callback(order_no, BankStatus.SUCCEEDED)) == 200
+    assert (await h.get("T-CB-FWD"))["status"] == "succeeded"
+
+
+@pytest.mark.asyncio
+async def test_a_replayed_nonce_is_refused_with_401_and_changes_nothing(
+    start_gateway: StartGateway,
+) -> None:
+    h, order_no = await _sent(start_gateway, "T-CB-REPLAY")
+    bank = h.banks["bank-a"]
+    headers, body = bank.callback(order_no, BankStatus.PROCESSING, nonce="n-replay")
+    assert await h.callback("bank-a", headers, body) == 200
+    before = await h.get("T-CB-REPLAY")
+
+    again, body2 = bank.callback(order_no, BankStatus.SUCCEEDED, nonce="n-replay")
+    resp = await h.client.post("/v1/callbacks/bank-a", data=body2, headers=again)
+    assert resp.status == 401
+    error = (await resp.json())["error"]
+    assert (error["code"], error["details"]["reason"]) == ("callback_refused", "replayed")
+    assert await h.get("T-CB-REPLAY") == before
+
+
+@pytest.mark.parametrize(
+    ("forge", "reason"),
+    [
+        ({"secret": "not-the-bank"}, "bad_signature"),
+        ({"timestamp": 1_000_000_000}, "stale"),
+    ],
+)
+@pytest.mark.asyncio
+async def test_an_untrusted_callback_is_refused_with_401_and_changes_nothing(
+    start_gateway: StartGateway, forge: dict[str, Any], reason: str
+) -> None:
+    h, order_no = await _sent(start_gateway, "T-CB-FORGED")
+    before = await h.get("T-CB-FORGED")
+    headers, body = h.banks["bank-a"].callback(order_no, BankStatus.SUCCEEDED, **forge)
+    resp = await h.client.post("/v1/callbacks/bank-a", data=body, headers=headers)
+    assert resp.status == 401
+    assert (await resp.json())["error"]["details"]["reason"] == reason
+    assert await h.get("T-CB-FORGED") == before
+
+
+@pytest.mark.asyncio
+async def test_a_refused_callback_does_not_burn_its_nonce(start_gateway: StartGateway) -> None:
+    h, order_no = await _sent(start_gateway, "T-CB-NONCE")
+    bank = h.banks["bank-a"]
+    headers, body = bank.callback(order_no, BankStatus.SUCCEEDED, nonce="n-1", secret="forged")
+    assert await h.callback("bank-a", headers, body) == 401
+    headers, body = bank.callback(order_no, BankStatus.SUCCEEDED, nonce="n-1")
+    assert await h.callback("bank-a", headers, body) == 200
+    assert (await h.get("T-CB-NONCE"))["status"] == "succeeded"
+
+
+@pytest.mark.asyncio
+async def test_a_callback_about_an_unknown_order_or_funder_is_404(
+    start_gateway: StartGateway,
+) -> None:
+    h, order_no = await _sent(start_gateway, "T-CB-404")
+    bank_a, bank_b = h.banks["bank-a"], h.banks["bank-b"]
+    assert await h.callback("bank-a", *bank_a.callback("NO-SUCH-01", BankStatus.SUCCEEDED)) == 404
+    # bank-b cannot settle bank-a's order, even when its own signature is valid
+    assert await h.callback("bank-b", *bank_b.callback(order_no, BankStatus.SUCCEEDED)) == 404
+    assert await h.callback("bank-z", *bank_a.callback(order_no, BankStatus.SUCCEEDED)) == 404
+    assert (await h.get("T-CB-404"))["status"] == "sent"
+
+
+@pytest.mark.asyncio
+async def test_a_callback_with_another_amount_is_acknowledged_but_not_applied(
+    start_gateway: StartGateway,
+) -> None:
+    h, order_no = await _sent(start_gateway, "T-CB-AMOUNT")
+    headers, body = h.banks["bank-a"].callback(order_no, BankStatus.SUCCEEDED, amount=1)
+    assert await _post(h, "bank-a", headers, body) == (200, "SUCCESS")
+    assert (await h.get("T-CB-AMOUNT"))["status"] == "sent"

@@ -1,0 +1,114 @@
+"""Migrations: applied once under an advisory lock, idempotent, and `/readyz` tracks them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from gateway.store import db
+from tests.integration.conftest import StartGateway
+
+pytestmark = pytest.mark.integration
+
+
+async def _drop_everything(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        tables = [
+            r["tablename"]
+            for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        ]
+        if tables:
+            await conn.execute(f"DROP TABLE {', '.join(tables)} CASCADE")
+    finally:
+        await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_every_migration_is_recorded_once(clean_db: str) -> None:
+    conn = await asyncpg.connect(clean_db)
+    try:
+        rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+        assert [(r["version"], r["name"]) for r in rows] == [
+            (m.version, m.name) for m in db.migrations()
+        ]
+        assert await db.pending(conn) == []
+    finally:
+        await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_migrating_a_current_database_applies_nothing(clean_db: str) -> None:
+    conn = await asyncpg.connect(clean_db)
+    try:
+        assert await db.migrate(conn) == []
+        assert await db.migrate(conn) == []
+        count = await conn.fetchval("SELECT count(*) FROM schema_migrations")
+        assert count == len(db.migrations())
+    finally:
+        await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_concurrent_migrate_from_three_connections_applies_each_migration_once(
+    clean_db: str,
+) -> None:
+    await _drop_everything(clean_db)
+    conns = [await asyncpg.connect(clean_db) for _ in range(3)]
+    try:
+        applied = await asyncio.gather(*(db.migrate(c) for c in conns))
+        versions = sorted(m.version for batch in applied for m in batch)
+        assert versions == [m.version for m in db.migrations()]
+        assert await db.pending(conns[0]) == []
+        count = await conns[0].fetchval("SELECT count(*) FROM schema_migrations")
+        assert count == len(db.migrations())
+        # the advisory lock was released by every migrator
+        held = await conns[0].fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        )
+        assert held == 0
+    finally:
+        for c in conns:
+            await c.close()
+
+
+@pytest.mark.asyncio
+async def test_gateway_started_twice_on_one_database_migrates_nothing_the_second_time(
+    start_gateway: StartGateway,
+) -> None:
+    first = await start_gateway(role="api")
+    second = await start_gateway(role="api")
+    for h in (first, second):
+        resp = await h.client.get("/readyz")
+        assert resp.status == 200
+        assert (await resp.json())["status"] == "ready"
+    async with first.pool.acquire() as conn:
+        count = await conn.fetchval("SELECT count(*) FROM schema_migrations")
+    assert count == len(db.migrations())
+
+
+@pytest.mark.asyncio
+async def test_readyz_is_503_while_a_migration_is_pending(start_gateway: StartGateway) -> None:
+    h = await start_gateway(role="api")
+    assert (await h.client.get("/readyz")).status == 200
+    last = db.migrations()[-1]
+    async with h.pool.acquire() as conn:
+        await conn.execute("DELETE FROM schema_migrations WHERE version = $1", last.version)
+    try:
+        resp = await h.client.get("/readyz")
+        assert resp.status == 503
+        body = await resp.json()
+        assert body["status"] == "migrations_pending"
+        assert body["pending"] == [last.version]
+        assert (await h.client.get("/healthz")).status == 200
+    finally:
+        async with h.pool.acquire() as conn:  # put it back: the next test's reset migrates
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING",
+                last.version,
+                last.name,
+            )
+    assert (await h.client.get("/readyz")).status == 200

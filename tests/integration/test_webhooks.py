@@ -1,0 +1,108 @@
+"""Outcome webhooks to the lending core: signed, one per terminal state, retried until a 2xx,
+never sent for a state that is not terminal."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+
+import pytest
+
+from connectors.base import BankStatus
+from tests.fakes import SUCCEED, reject
+from tests.integration.conftest import (
+    WEBHOOK_SECRET,
+    Delivery,
+    Harness,
+    StartGateway,
+    eventually,
+)
+
+pytestmark = pytest.mark.integration
+
+
+async def _quiet(h: Harness, deliveries: int) -> bool:
+    """`deliveries` webhooks arrived and none is waiting in the outbox."""
+    return len(h.core.deliveries) >= deliveries and await h.outbox("webhook") == []
+
+
+def _verified(d: Delivery) -> dict[str, object]:
+    ts = d.headers["X-Fundgate-Timestamp"]
+    expected = hmac.new(
+        WEBHOOK_SECRET.encode(), ts.encode() + b"." + d.body, hashlib.sha256
+    ).hexdigest()
+    assert hmac.compare_digest(d.headers["X-Fundgate-Signature"], expected)
+    assert abs(time.time() - int(ts)) < 60
+    assert d.headers["Content-Type"].startswith("application/json")
+    body: dict[str, object] = json.loads(d.body)
+    return body
+
+
+@pytest.mark.asyncio
+async def test_a_succeeded_disbursement_is_announced_once_with_a_valid_signature(
+    start_gateway: StartGateway,
+) -> None:
+    h = await start_gateway()
+    await h.register()
+    h.banks["bank-a"].script(SUCCEED)
+    await h.accepted("T-WH")
+    final = await h.wait_status("T-WH", "succeeded")
+
+    await eventually(lambda: _quiet(h, 1), "the webhook to be delivered")
+    assert len(h.core.deliveries) == 1
+    body = _verified(h.core.deliveries[0])
+    assert body == final
+
+
+@pytest.mark.asyncio
+async def test_a_failed_disbursement_is_announced_once(start_gateway: StartGateway) -> None:
+    h = await start_gateway()
+    await h.register()
+    h.banks["bank-a"].script(reject(pre_execution=True))
+    h.banks["bank-b"].script(reject(pre_execution=False))
+    await h.accepted("T-WH-FAIL")
+    final = await h.wait_status("T-WH-FAIL", "failed")
+
+    await eventually(lambda: _quiet(h, 1), "the webhook to be delivered")
+    assert [_verified(d) for d in h.core.deliveries] == [final]
+
+
+@pytest.mark.parametrize("refusals", [2, 4])
+@pytest.mark.asyncio
+async def test_a_refused_webhook_is_retried_until_the_lending_core_answers_2xx(
+    start_gateway: StartGateway, refusals: int
+) -> None:
+    h = await start_gateway()
+    await h.register()
+    h.core.answers.extend([500] * refusals)
+    h.banks["bank-a"].script(SUCCEED)
+    await h.accepted("T-WH-RETRY")
+
+    await eventually(lambda: _quiet(h, 1), "the webhook to be delivered after retries")
+    assert h.core.refused == refusals
+    assert len(h.core.deliveries) == 1
+    assert _verified(h.core.deliveries[0])["status"] == "succeeded"
+
+
+@pytest.mark.asyncio
+async def test_no_webhook_is_sent_for_a_state_that_is_not_terminal(
+    start_gateway: StartGateway,
+) -> None:
+    h = await start_gateway()
+    await h.register()
+    await h.accepted("T-WH-OPEN")
+    d = await h.wait_status("T-WH-OPEN", "sent")
+    order_no = d["attempts"][0]["order_no"]
+    bank = h.banks["bank-a"]
+    assert await h.callback("bank-a", *bank.callback(order_no, BankStatus.PROCESSING)) == 200
+
+    async def polled_twice_more() -> bool:
+        return bank.queries.count(order_no) >= 3
+
+    await eventually(polled_twice_more, "the poller to look at the open payout")
+    assert (await h.get("T-WH-OPEN"))["status"] == "processing"
+    assert await h.outbox("webhook") == []
+    assert h.core.deliveries == []
+    assert h.core.refused == 0
