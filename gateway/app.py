@@ -105,6 +105,7 @@ async def _listen(svc: Services, dispatcher: Dispatcher, stop: asyncio.Event) ->
 
 
 async def _housekeeping(svc: Services, stop: asyncio.Event) -> None:
+    """Refresh the gauges read from the database (every process exports the same values)."""
     while not stop.is_set():
         try:
             async with svc.pool.acquire() as conn:
@@ -114,17 +115,47 @@ async def _housekeeping(svc: Services, stop: asyncio.Event) -> None:
                 usage = await q.usage(conn, day)
                 prefund = await q.prefund_balances(conn)
                 unknown = await q.in_flight_counts(conn)
+                circuits = await q.circuits(conn)
+                # the unknown and escalated attempts, per funder: few rows, by status
+                stuck = {
+                    r["funder_id"]: r
+                    for r in await conn.fetch(
+                        "SELECT funder_id,"
+                        " count(*) FILTER (WHERE escalated_at IS NOT NULL) AS escalated,"
+                        " greatest(coalesce(extract(epoch FROM now() - min(unknown_since)), 0),"
+                        " 0)::float8 AS oldest"
+                        " FROM attempts WHERE status = 'unknown' GROUP BY funder_id"
+                    )
+                }
+                # max(seq) reads the unique index; the unsealed rows have a partial index
+                chain = await conn.fetchrow(
+                    "SELECT (SELECT coalesce(max(seq), 0) FROM voucher_events) AS sealed,"
+                    " count(*) AS unsealed,"
+                    " greatest(coalesce(extract(epoch FROM now() - min(at)), 0), 0)::float8"
+                    " AS oldest FROM voucher_events WHERE seq IS NULL"
+                )
+            m = svc.metrics
             for kind in ("dispatch", "webhook"):
                 depth, age = stats.get(kind, (0, 0.0))
-                svc.metrics.set_outbox(kind, depth, age)
+                m.set_outbox(kind, depth, age)
             for f in svc.cfg.funders:
-                svc.metrics.set_limit(f.id, usage.get(q.funder_scope(f.id), 0), f.daily_limit)
-                svc.metrics.set_attempts_unknown(f.id, unknown.get(f.id, {}).get("unknown", 0))
+                m.set_limit(f.id, usage.get(q.funder_scope(f.id), 0), f.daily_limit)
+                m.set_attempts_unknown(f.id, unknown.get(f.id, {}).get("unknown", 0))
+                row = stuck.get(f.id)
+                m.set_attempts_unknown_oldest_age(f.id, row["oldest"] if row else 0.0)
+                m.set_attempts_escalated_unresolved(f.id, row["escalated"] if row else 0)
+                match circuits.get(f.id, "closed"):  # no row yet: never opened
+                    case "closed" | "half_open" | "open" as state:
+                        m.set_circuit_state(f.id, state)
+                    case other:
+                        log.warning("housekeeping.circuit_state", funder_id=f.id, state=other)
                 if f.mode == "co_lending":
-                    svc.metrics.set_prefund_balance(f.id, prefund.get(f.id, 0))
-            svc.metrics.set_limit(
+                    m.set_prefund_balance(f.id, prefund.get(f.id, 0))
+            m.set_limit(
                 "platform", usage.get(q.PLATFORM_SCOPE, 0), svc.cfg.gateway.platform_daily_limit
             )
+            if chain is not None:
+                m.set_voucher_chain(chain["sealed"], chain["unsealed"], chain["oldest"])
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             log.warning("housekeeping.failed", error=str(e))
         with contextlib.suppress(asyncio.TimeoutError):

@@ -34,7 +34,12 @@ Work queues and stuck payouts
     fundgate_outbox_depth{kind}                  gauge: outbox rows waiting, by kind
     fundgate_outbox_oldest_age_seconds{kind}     gauge: age of the oldest waiting row
     fundgate_attempts_unknown{funder}            gauge: attempts whose outcome is unknown now
+    fundgate_attempts_unknown_oldest_age_seconds{funder}   gauge: how long the oldest of them
+                                                 has been unknown; 0 when none is
     fundgate_attempts_escalated_total{funder}    counter: unknown attempts handed to a person
+                                                 (counted by the process that escalated)
+    fundgate_attempts_escalated_unresolved{funder}   gauge: escalated attempts still unknown
+                                                 now; each one waits for a person
 
 Inbound callbacks and outbound webhooks
     fundgate_callbacks_total{funder,result}              counter: accepted | duplicate | refused
@@ -43,15 +48,42 @@ Inbound callbacks and outbound webhooks
     fundgate_webhooks_total{outcome}                     counter: deliveries to the lending
         core by outcome: delivered | failed (a failed one is retried)
 
+Reconciliation (filled by the reconciliation run; empty until it has run)
+    fundgate_recon_breaks{funder,type}           gauge: unresolved breaks by funder and break
+                                                 type, as of the latest run
+    fundgate_recon_last_success_timestamp_seconds{funder}   gauge: unix time at which the
+                                                 latest reconciliation of that funder completed
+    fundgate_recon_runs_total{funder,outcome}    counter: reconciliation runs by outcome:
+                                                 succeeded | failed (a bad statement, with reason)
+    fundgate_recon_statement_lines_total{funder} counter: statement lines reconciled
+    fundgate_recon_run_duration_seconds{funder}  histogram: time of one run, fetch to report
+
+Vouchers (the tamper-evident chain, see `gateway.vouchers`)
+    fundgate_vouchers_sealed                     gauge: length of the sealed chain (highest seq)
+    fundgate_vouchers_unsealed                   gauge: events written but not yet sealed
+    fundgate_vouchers_unsealed_oldest_age_seconds   gauge: age of the oldest unsealed event;
+                                                 grows only when the sealer is stuck
+    fundgate_voucher_verification_last_timestamp_seconds   gauge: unix time of the latest
+                                                 chain verification run in this process; 0 never
+    fundgate_voucher_verification_broken         gauge: 1 when that verification found the chain
+                                                 broken, else 0
+
 Health
     fundgate_circuit_state{funder}               gauge: 0 closed, 1 half-open, 2 open
     fundgate_build_info{version}                 gauge: always 1
+
+Gauges read from the database (limits, prefund, outbox, unknown and escalated attempts,
+circuits, vouchers) are refreshed every few seconds by each gateway process's housekeeping, so
+every process exports the same values: aggregate them with `max by (...)`, never `sum`.
+Counters and histograms count what their own process did: aggregate them with `sum`.
 
 Each `Metrics` owns its `CollectorRegistry`, so several apps can live in one test process.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Literal
 
@@ -68,9 +100,13 @@ ConnectorOutcome = Literal["ok", "rejected", "not_sent", "unknown"]
 CallbackResult = Literal["accepted", "duplicate", "refused"]
 WebhookOutcome = Literal["delivered", "failed"]
 CircuitState = Literal["closed", "half_open", "open"]
+ReconOutcome = Literal["succeeded", "failed"]
 
 # From a fast local answer to a bank that runs into the 10 s default bank timeout and beyond.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# A run takes from a second (a quiet day) to many minutes (millions of statement lines).
+RECON_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 _CIRCUIT_VALUES: dict[CircuitState, int] = {"closed": 0, "half_open": 1, "open": 2}
 
@@ -169,9 +205,21 @@ class Metrics:
             ("funder",),
             registry=r,
         )
+        self.attempts_unknown_oldest_age = Gauge(
+            "fundgate_attempts_unknown_oldest_age_seconds",
+            "How long the oldest unknown attempt has been unknown, by funder; 0 when none is.",
+            ("funder",),
+            registry=r,
+        )
         self.attempts_escalated = Counter(
             "fundgate_attempts_escalated_total",
             "Unknown attempts escalated to a person, by funder.",
+            ("funder",),
+            registry=r,
+        )
+        self.attempts_escalated_unresolved = Gauge(
+            "fundgate_attempts_escalated_unresolved",
+            "Escalated attempts whose outcome is still unknown, by funder.",
             ("funder",),
             registry=r,
         )
@@ -200,6 +248,64 @@ class Metrics:
             "Requests answered 503 because no database connection was free in time.",
             registry=r,
         )
+        self.recon_breaks = Gauge(
+            "fundgate_recon_breaks",
+            "Unresolved reconciliation breaks as of the latest run, by funder and break type.",
+            ("funder", "type"),
+            registry=r,
+        )
+        self.recon_last_success = Gauge(
+            "fundgate_recon_last_success_timestamp_seconds",
+            "Unix time at which the latest reconciliation of a funder completed.",
+            ("funder",),
+            registry=r,
+        )
+        self.recon_runs = Counter(
+            "fundgate_recon_runs_total",
+            "Reconciliation runs, by funder and outcome (succeeded, failed).",
+            ("funder", "outcome"),
+            registry=r,
+        )
+        self.recon_lines = Counter(
+            "fundgate_recon_statement_lines_total",
+            "Statement lines reconciled, by funder.",
+            ("funder",),
+            registry=r,
+        )
+        self.recon_duration = Histogram(
+            "fundgate_recon_run_duration_seconds",
+            "Time of one reconciliation run, from fetching the statement to the report.",
+            ("funder",),
+            buckets=RECON_BUCKETS,
+            registry=r,
+        )
+
+        self.vouchers_sealed = Gauge(
+            "fundgate_vouchers_sealed",
+            "Length of the sealed voucher chain (its highest sequence number).",
+            registry=r,
+        )
+        self.vouchers_unsealed = Gauge(
+            "fundgate_vouchers_unsealed",
+            "Voucher events written but not yet sealed into the chain.",
+            registry=r,
+        )
+        self.vouchers_unsealed_oldest_age = Gauge(
+            "fundgate_vouchers_unsealed_oldest_age_seconds",
+            "Age of the oldest voucher event not yet sealed; 0 when every event is sealed.",
+            registry=r,
+        )
+        self.voucher_verification_last = Gauge(
+            "fundgate_voucher_verification_last_timestamp_seconds",
+            "Unix time of the latest voucher chain verification in this process; 0 never.",
+            registry=r,
+        )
+        self.voucher_verification_broken = Gauge(
+            "fundgate_voucher_verification_broken",
+            "1 when the latest voucher chain verification found the chain broken, else 0.",
+            registry=r,
+        )
+
         self.circuit_state = Gauge(
             "fundgate_circuit_state",
             "Circuit breaker state per funder: 0 closed, 1 half-open, 2 open.",
@@ -213,6 +319,8 @@ class Metrics:
             registry=r,
         )
         self.build_info.labels(version=version or _package_version()).set(1)
+        # the break types each funder has reported, so that a cleared type can drop to 0
+        self._recon_break_types: set[tuple[str, str]] = set()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type (it carries a charset: set the header
@@ -262,8 +370,14 @@ class Metrics:
     def set_attempts_unknown(self, funder: str, count: int) -> None:
         self.attempts_unknown.labels(funder=funder).set(count)
 
+    def set_attempts_unknown_oldest_age(self, funder: str, seconds: float) -> None:
+        self.attempts_unknown_oldest_age.labels(funder=funder).set(seconds)
+
     def attempt_escalated(self, funder: str) -> None:
         self.attempts_escalated.labels(funder=funder).inc()
+
+    def set_attempts_escalated_unresolved(self, funder: str, count: int) -> None:
+        self.attempts_escalated_unresolved.labels(funder=funder).set(count)
 
     def callback(self, funder: str, result: CallbackResult, reason: str | None = None) -> None:
         """One inbound callback; a refused one also counts under its `reason`."""
@@ -279,3 +393,39 @@ class Metrics:
 
     def set_circuit_state(self, funder: str, state: CircuitState) -> None:
         self.circuit_state.labels(funder=funder).set(_CIRCUIT_VALUES[state])
+
+    def set_recon_breaks(self, funder: str, by_type: Mapping[str, int]) -> None:
+        """Unresolved breaks of one funder after a reconciliation run, by break type. Types
+        seen before but absent now are set to 0, so a resolved break type stops alerting."""
+        for f, kind in self._recon_break_types:
+            if f == funder and kind not in by_type:
+                self.recon_breaks.labels(funder=f, type=kind).set(0)
+        for kind, count in by_type.items():
+            self._recon_break_types.add((funder, kind))
+            self.recon_breaks.labels(funder=funder, type=kind).set(count)
+
+    def recon_succeeded(self, funder: str, at: float | None = None) -> None:
+        """A reconciliation of `funder` completed at unix time `at` (now by default)."""
+        self.recon_last_success.labels(funder=funder).set(time.time() if at is None else at)
+
+    def recon_run(self, funder: str, outcome: ReconOutcome, seconds: float, lines: int) -> None:
+        """One reconciliation run of `funder` ended; a succeeded one also sets the last
+        success time."""
+        self.recon_runs.labels(funder=funder, outcome=outcome).inc()
+        self.recon_duration.labels(funder=funder).observe(seconds)
+        if lines:
+            self.recon_lines.labels(funder=funder).inc(lines)
+        if outcome == "succeeded":
+            self.recon_succeeded(funder)
+
+    def set_voucher_chain(self, sealed: int, unsealed: int, oldest_unsealed_age: float) -> None:
+        """The chain as the database holds it: sealed length, unsealed backlog and its age."""
+        self.vouchers_sealed.set(sealed)
+        self.vouchers_unsealed.set(unsealed)
+        self.vouchers_unsealed_oldest_age.set(oldest_unsealed_age)
+
+    def voucher_verification(self, intact: bool, at: float | None = None) -> None:
+        """`gateway.vouchers.verify` finished in this process at unix time `at` (now by
+        default): intact, or broken."""
+        self.voucher_verification_last.set(time.time() if at is None else at)
+        self.voucher_verification_broken.set(0 if intact else 1)
