@@ -268,7 +268,7 @@ async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcom
             return replay
 
     assert chosen is not None
-    svc.metrics.disbursement_transition(chosen.id, "accepted")
+    svc.metrics.disbursement_transition(chosen.id, "accepted", req.amount)
     log.info(
         "disbursement.accepted",
         txn_no=req.txn_no,

@@ -96,7 +96,7 @@ async def move(
     await _event(conn, f"disbursement.{new}", a, new, source=source, bank_ref=bank_ref)
     if new in states.TERMINAL:
         await _notify_lending_core(conn, svc, a["disbursement_id"])
-    svc.metrics.disbursement_transition(a["funder_id"], new)
+    svc.metrics.disbursement_transition(a["funder_id"], new, a["amount"])
     log.info(
         "disbursement.state",
         txn_no=a["txn_no"],
@@ -233,6 +233,6 @@ async def fail_over(
         d["txn_no"],
     )
     await _notify_lending_core(conn, svc, d["id"])
-    svc.metrics.disbursement_transition(a["funder_id"], "failed")
+    svc.metrics.disbursement_transition(a["funder_id"], "failed", d["amount"])
     log.warning("disbursement.failed", txn_no=d["txn_no"], reason=failure["code"])
     return "failed"
