@@ -106,6 +106,16 @@ def _cursor_in(value: str | None) -> int | None:
         raise Unprocessable("invalid_request", "cursor is not valid") from e
 
 
+def _parse_limit(request: web.Request, default: int = 50) -> int:
+    try:
+        limit = int(request.query.get("limit", str(default)))
+    except ValueError as e:
+        raise Unprocessable("invalid_request", "limit must be an integer") from e
+    if not 1 <= limit <= 500:
+        raise Unprocessable("invalid_request", "limit must be between 1 and 500")
+    return limit
+
+
 @scoped("read")
 async def list_disbursements(request: web.Request) -> web.Response:
     svc = _svc(request)
@@ -113,12 +123,7 @@ async def list_disbursements(request: web.Request) -> web.Response:
     status = qs.get("status") or None
     if status is not None and status not in states.STATES:
         raise Unprocessable("invalid_request", f"status must be one of {', '.join(states.STATES)}")
-    try:
-        limit = int(qs.get("limit", "50"))
-    except ValueError as e:
-        raise Unprocessable("invalid_request", "limit must be an integer") from e
-    if not 1 <= limit <= 500:
-        raise Unprocessable("invalid_request", "limit must be between 1 and 500")
+    limit = _parse_limit(request)
     async with svc.db() as conn:
         rows = await q.list_disbursements(
             conn,
@@ -415,6 +420,8 @@ OPS_ROUTES: list[Route] = [
 
 
 def install_routes(app: web.Application, *, api: bool) -> None:
-    routes = OPS_ROUTES + (API_ROUTES if api else [])
-    add_routes(app, routes)
-    app[OPENAPI] = document(OPS_ROUTES + API_ROUTES, version=__version__)
+    from gateway.ledger_api import LEDGER_ROUTES
+
+    every = API_ROUTES + LEDGER_ROUTES
+    add_routes(app, OPS_ROUTES + (every if api else []))
+    app[OPENAPI] = document(OPS_ROUTES + every, version=__version__)

@@ -20,8 +20,9 @@ from aiohttp import web
 from config.models import FileConfig
 from connectors import registry
 from connectors.base import BankConnector
+from gateway import ledger
 from gateway.api import SERVICES, install_routes
-from gateway.context import Services
+from gateway.context import Services, business_day
 from gateway.dispatcher import Dispatcher, Poller
 from gateway.http import Authenticator, make_middlewares
 from gateway.metrics import Metrics
@@ -68,9 +69,13 @@ def create_app(
                 applied = await db.migrate(conn)
                 if applied:
                     log.info("db.migrated", versions=[a.version for a in applied])
-                await q.seed_prefund(
-                    conn, {f.id: f.prefund_balance for f in cfg.funders if f.mode == "co_lending"}
-                )
+                opening = {f.id: f.prefund_balance for f in cfg.funders if f.mode == "co_lending"}
+                async with conn.transaction():
+                    for funder_id in await q.seed_prefund(conn, opening):
+                        await ledger.custody_move(
+                            conn, funder_id, opening[funder_id], business_day(cfg),
+                            kind="prefund.opening", reference=f"opening:{funder_id}",
+                        )  # fmt: skip
             conns = connectors if connectors is not None else registry.build_all(cfg, http)
             app[SERVICES] = Services(cfg=cfg, pool=p, connectors=conns, metrics=m, http=http)
             yield

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import asyncpg
 import structlog
 from aiohttp import web
 
@@ -186,6 +187,30 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from gateway import ledger
+    from gateway.store import db
+
+    settings = Settings()
+    configure_logging(settings.log_format, "warning")
+
+    async def main() -> int:
+        async with db.database_url(settings) as url:
+            conn = await asyncpg.connect(url)
+            try:
+                check = await ledger.verify(conn)
+            finally:
+                await conn.close()
+        if check.ok:
+            print(f"ledger consistent: {check.transactions} transactions balance")  # noqa: T201
+            return 0
+        for p in check.problems:
+            print(f"ledger problem: {p}")  # noqa: T201
+        return 1
+
+    return asyncio.run(main())
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -221,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     asub = a.add_subparsers(dest="audit_command", required=True)
     av = asub.add_parser("verify", help="recompute the voucher chain; exit 1 when broken")
     av.set_defaults(func=cmd_audit_verify)
+
+    lg = sub.add_parser("ledger", help="ledger tools")
+    lsub = lg.add_subparsers(dest="ledger_command", required=True)
+    lv = lsub.add_parser("verify", help="every transaction balances and matches the records")
+    lv.set_defaults(func=cmd_ledger_verify)
 
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)

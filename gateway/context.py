@@ -27,6 +27,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def business_day(cfg: FileConfig, at: datetime | None = None) -> date:
+    return (at or utcnow()).astimezone(cfg.gateway.zone).date()
+
+
 @dataclass
 class Services:
     cfg: FileConfig
@@ -72,7 +76,7 @@ class Services:
         return states
 
     def business_day(self, at: datetime | None = None) -> date:
-        return (at or self.clock()).astimezone(self.cfg.gateway.zone).date()
+        return business_day(self.cfg, at or self.clock())
 
     def callback_url(self, funder_id: str) -> str:
         return f"{self.cfg.gateway.public_url.rstrip('/')}/v1/callbacks/{funder_id}"

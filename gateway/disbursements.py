@@ -10,6 +10,7 @@ import asyncpg
 import structlog
 
 from config.models import Funder
+from gateway import ledger
 from gateway.context import Services
 from gateway.errors import Conflict, Unprocessable
 from gateway.masking import mask_account, mask_name
@@ -244,6 +245,7 @@ async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcom
                     },
                 )
                 await q.enqueue(conn, "dispatch", attempt_id, funder_id=chosen.id)
+                await ledger.reserve(conn, req.txn_no, chosen.id, alloc.funder, alloc.platform, day)
                 await q.voucher(
                     conn,
                     "disbursement.accepted",

@@ -16,7 +16,7 @@ import structlog
 
 from config.models import Term
 from connectors.base import BankStatus
-from gateway import states
+from gateway import ledger, states
 from gateway.context import Services
 from gateway.disbursements import funder_states, load_resource, order_no, reserve_for
 from gateway.store import queries as q
@@ -92,6 +92,12 @@ async def move(
         await q.release(conn, q.PLATFORM_SCOPE, a["business_day"], a["amount"])
         await q.release(conn, q.funder_scope(a["funder_id"]), a["business_day"], a["amount"])
         await q.return_prefund(conn, a["funder_id"], a["alloc_platform"])
+        await ledger.release(
+            conn, a["txn_no"], a["funder_id"], a["alloc_funder"], a["alloc_platform"],
+            a["business_day"],
+        )  # fmt: skip
+    elif new == "succeeded":
+        await ledger.settle(conn, a["txn_no"], a["funder_id"], a["amount"], a["business_day"])
     await q.update_disbursement(conn, a["disbursement_id"], now, **d_fields)
     await _event(conn, f"disbursement.{new}", a, new, source=source, bank_ref=bank_ref)
     if new in states.TERMINAL:
@@ -151,6 +157,9 @@ async def fail_over(
     await q.lock_usage(conn, q.PLATFORM_SCOPE, day)
     await q.release(conn, q.funder_scope(a["funder_id"]), day, a["amount"])
     await q.return_prefund(conn, a["funder_id"], a["alloc_platform"])
+    await ledger.release(
+        conn, a["txn_no"], a["funder_id"], a["alloc_funder"], a["alloc_platform"], day
+    )
     await _event(conn, "attempt.failed", a, "failed", source=source, error=error)
     svc.metrics.disbursement_transition(a["funder_id"], "rerouted")
 
@@ -194,6 +203,7 @@ async def fail_over(
             },
         )
         await q.enqueue(conn, "dispatch", new_id, funder_id=f.id)
+        await ledger.reserve(conn, d["txn_no"], f.id, alloc.funder, alloc.platform, day)
         await q.voucher(
             conn,
             "disbursement.rerouted",

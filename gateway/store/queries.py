@@ -72,13 +72,19 @@ async def get_account(conn: Conn, borrower_id: str, account_no: str) -> asyncpg.
 # ---------------------------------------------------------------- limits and prefund
 
 
-async def seed_prefund(conn: Conn, balances: dict[str, int]) -> None:
-    """First sight of a co-lending funder: its configured prefund becomes the opening balance."""
-    if balances:
-        await conn.executemany(
-            "INSERT INTO prefund (funder_id, balance) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            list(balances.items()),
-        )
+async def seed_prefund(conn: Conn, balances: dict[str, int]) -> list[str]:
+    """First sight of a co-lending funder: its configured prefund becomes the opening balance.
+    Returns the funders seeded now (their opening is posted to the ledger by the caller)."""
+    if not balances:
+        return []
+    rows = await conn.fetch(
+        "INSERT INTO prefund (funder_id, balance)"
+        " SELECT * FROM unnest($1::text[], $2::bigint[]) ON CONFLICT DO NOTHING"
+        " RETURNING funder_id",
+        list(balances),
+        list(balances.values()),
+    )
+    return [r["funder_id"] for r in rows]
 
 
 async def usage(conn: Conn, day: date) -> dict[str, int]:
