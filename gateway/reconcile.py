@@ -1,0 +1,660 @@
+"""Nightly reconciliation, the I/O half: fetch a funder's statement, stream it into
+PostgreSQL, match it there, persist the run and its breaks, resolve what is certain through
+the state machine (`gateway.outcomes`), and let a person resolve the rest.
+
+One run per (funder, statement day), idempotent: re-running a day updates the same run and
+never duplicates a break. A run happens in two steps:
+
+1. one transaction: COPY the statement into a temporary table (a bad file raises
+   `StatementError` and the transaction rolls back: nothing is half-applied, the run is
+   marked failed with the reason and its line, and can be re-run once the file is fixed),
+   refuse duplicated lines, classify (`reconciliation.classify`), record what the statement
+   listed, sweep the pending pool, write the breaks;
+2. each automatic resolution in its own short transaction with the attempt locked, so
+   limits, prefund and callbacks are never blocked for the length of a run. A run that dies
+   here is finished by re-running the day.
+
+`run_scheduler` runs yesterday's reconciliation for every funder at `[reconciliation]
+run_at` (business time zone), under an advisory lock so one process does it, and catches up
+days missed while no gateway was running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import structlog
+
+from config.models import Funder
+from connectors.base import BankStatus, StatementLine
+from connectors.errors import ConnectorError, NotSent, Rejected
+from gateway import outcomes
+from gateway.context import Services
+from gateway.metrics import ConnectorOutcome, ReconOutcome
+from gateway.store import queries as q
+from gateway.store import recon_queries as rq
+from reconciliation import schedule
+from reconciliation.classify import (
+    SEVERITY,
+    Bank,
+    BreakType,
+    Decision,
+    Ours,
+    Verdict,
+    classify,
+    classify_absent,
+)
+from reconciliation.errors import StatementError
+from reconciliation.parsers import check_line, parse
+from reconciliation.report import Summary
+
+log = structlog.get_logger("fundgate.reconcile")
+
+# advisory lock classes (two-int form, apart from the one-bigint keys of migrations/vouchers)
+RUN_LOCK_CLASS = 0x7265636E  # "recn": one run of a (funder, day) at a time
+SCHEDULER_LOCK_KEY = 0x7265636F6E63696C  # "reconcil": one process runs the schedule
+# a bank repeats or reverses an order within days; statements older than this are not
+# searched for an earlier payout, and the pending pool looks back this much past the window
+EARLIER_DAYS = 7
+ODD_PAGE = 5000  # orders read back per round trip for one-by-one classification
+PROGRESS_EVERY = 2000  # statement lines between progress reports (and event-loop yields)
+SCHEDULER_POLL_SECONDS = 60.0
+# a failed day is retried by the scheduler after this long (the bank may republish)
+RETRY_FAILED_SECONDS = 1800.0
+SOURCE = "reconciliation"
+
+Progress = Callable[[int], None]
+
+
+class RunInProgress(Exception):
+    """Another process is reconciling this funder and day right now."""
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    funder_id: str
+    day: date
+    status: str  # succeeded | failed
+    error: str | None
+    summary: Summary
+    seconds: float
+    breaks: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+
+# ---------------------------------------------------------------- the statement
+
+
+async def _file_lines(path: Path, funder: Funder) -> AsyncIterator[tuple[int, StatementLine]]:
+    try:
+        handle = path.open("rb")
+    except OSError as e:
+        raise StatementError(f"no statement file at {path}: {e.strerror}") from e
+    with handle:
+        for n, (line_no, line) in enumerate(
+            parse(handle, funder.statement.format, funder.statement), start=1
+        ):
+            yield line_no, line
+            if n % PROGRESS_EVERY == 0:
+                await asyncio.sleep(0)  # a long file must not starve the event loop
+
+
+async def _connector_lines(
+    svc: Services, funder: Funder, day: date
+) -> AsyncIterator[tuple[int, StatementLine]]:
+    connector = svc.connectors.get(funder.id)
+    if connector is None:
+        raise StatementError(f"funder {funder.id} has no connector")
+    started = time.perf_counter()
+    outcome: ConnectorOutcome = "ok"
+    n = 0
+    try:
+        async for line in connector.fetch_statement(day):
+            n += 1
+            yield n, line
+    except NotSent:
+        outcome = "not_sent"
+        raise
+    except Rejected:
+        outcome = "rejected"
+        raise
+    except ConnectorError:
+        outcome = "unknown"
+        raise
+    finally:
+        svc.metrics.observe_connector_call(
+            funder.id, connector.name, "fetch_statement", outcome, time.perf_counter() - started
+        )
+
+
+def statement_lines(
+    svc: Services, funder: Funder, day: date
+) -> AsyncIterator[tuple[int, StatementLine]]:
+    """The funder's statement of `day`, numbered: from `[funders.statement] path` when set
+    (file line numbers), else from its connector (statement line numbers)."""
+    if funder.statement.path:
+        path = Path(funder.statement.path.format(funder=funder.id, day=day.isoformat()))
+        return _file_lines(path, funder)
+    return _connector_lines(svc, funder, day)
+
+
+async def _records(
+    lines: AsyncIterator[tuple[int, StatementLine]], counter: list[int], progress: Progress | None
+) -> AsyncIterator[tuple[Any, ...]]:
+    async for line_no, line in lines:
+        check_line(line_no, line)
+        counter[0] += 1
+        if progress is not None and counter[0] % PROGRESS_EVERY == 0:
+            progress(counter[0])
+        # an order number the bank left out gets a key of its own, so such lines do not
+        # collapse into one "order" listed many times
+        order_no = line.order_no or f"(none: line {line_no})"
+        yield (line_no, order_no, line.bank_ref, line.amount, line.status, line.booked_at)
+
+
+# ---------------------------------------------------------------- one run
+
+
+def _day_bounds(svc: Services, day: date) -> tuple[datetime, datetime]:
+    zone = svc.cfg.gateway.zone
+    start = datetime.combine(day, datetime.min.time(), tzinfo=zone)
+    return start, datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=zone)
+
+
+def _evidence(day: date, r: Any) -> dict[str, Any]:
+    return {
+        "statement_day": day.isoformat(),
+        "line_no": r["line_no"],
+        "bank_ref": r["bank_ref"],
+        "succeeded": r["succeeded"],
+        "failed": r["failed"],
+        "reversed": r["reversed"],
+        "amounts": sorted({r["amount_min"], r["amount_max"]}),
+        "earlier_paid": r["earlier_paid"] or 0,
+        "earlier_seen": r["earlier_paid"] is not None,
+    }
+
+
+def _bank_of(e: dict[str, Any]) -> Bank:
+    return Bank(
+        succeeded=int(e["succeeded"]),
+        failed=int(e["failed"]),
+        reversed=int(e["reversed"]),
+        amounts=tuple(int(a) for a in e["amounts"]),
+        earlier_paid=int(e["earlier_paid"]),
+        earlier_seen=bool(e["earlier_seen"]),
+    )
+
+
+def _break_row(
+    d: Decision,
+    order_no: str,
+    *,
+    attempt_id: int | None,
+    txn_no: str | None,
+    our_status: str | None,
+    our_amount: int | None,
+    bank_status: str | None,
+    bank_amount: int | None,
+    bank_ref: str | None,
+    bank_lines: int,
+    line_no: int | None,
+    evidence: dict[str, Any],
+) -> tuple[Any, ...]:
+    assert d.type is not None
+    status = "auto_pending" if d.bank_status is not None else "open"
+    return (
+        order_no, d.type.value, status, SEVERITY[d.type], d.reason, attempt_id, txn_no,
+        our_status, our_amount, bank_status, bank_amount, bank_ref, bank_lines, line_no,
+        json.dumps(evidence),
+    )  # fmt: skip
+
+
+async def _classify(
+    conn: q.Conn,
+    svc: Services,
+    funder: Funder,
+    day: date,
+    run_id: int,
+    progress: Progress | None,
+) -> Summary:
+    """Step 1, inside the caller's transaction."""
+    window = svc.cfg.reconciliation.window_days
+    earlier_from = day - timedelta(days=EARLIER_DAYS)
+    keep_from = day - timedelta(days=window + EARLIER_DAYS + 1)
+    summary = Summary()
+
+    await rq.create_stage(conn)
+    counter = [0]
+    await rq.copy_stage(conn, _records(statement_lines(svc, funder, day), counter, progress))
+    if progress is not None:
+        progress(counter[0])
+    summary.lines, summary.amount = await rq.aggregate_stage(conn)
+    dup = await rq.duplicate_line(conn)
+    if dup is not None:
+        raise StatementError(f"duplicate line: repeats line {dup[0]}", dup[1])
+
+    zone = svc.cfg.gateway.timezone
+    n, amount = await rq.join_records(conn, funder.id, day, earlier_from, run_id, zone)
+    summary.matched.add(amount, n)
+
+    await rq.create_new_breaks(conn)
+    after = 0
+    while True:
+        rows = await rq.odd_rows(conn, after, ODD_PAGE)
+        if not rows:
+            break
+        after = rows[-1]["i"]
+        batch = []
+        for r in rows:
+            evidence = _evidence(day, r)
+            bank = _bank_of(evidence)
+            ours = None
+            if r["attempt_id"] is not None:
+                ours = Ours(r["our_status"], r["our_amount"], r["our_day"])
+            d = classify(ours, bank)
+            if d.verdict is Verdict.MATCHED and r["auto_type"] is not None:
+                # resolved by an earlier run of this day: still counted as what it was
+                summary.breaks[r["auto_type"]].add(r["our_amount"])
+                summary.auto_resolved[r["auto_type"]].add(r["our_amount"])
+                continue
+            summary.count(d, bank.amount if ours is None else r["our_amount"])
+            if d.is_break:
+                batch.append(
+                    _break_row(
+                        d,
+                        r["order_no"],
+                        attempt_id=r["attempt_id"],
+                        txn_no=r["txn_no"],
+                        our_status=r["our_status"],
+                        our_amount=r["our_amount"],
+                        bank_status=bank.status,
+                        bank_amount=bank.amount,
+                        bank_ref=r["bank_ref"],
+                        bank_lines=r["lines"],
+                        line_no=r["line_no"],
+                        evidence=evidence,
+                    )
+                )
+        if batch:
+            await rq.copy_new_breaks(conn, batch)
+
+    await rq.record_seen(conn, funder.id, day, keep_from)
+    start, end = _day_bounds(svc, day)
+    await rq.sweep_pending(conn, funder.id, day, start, end, keep_from)
+    await rq.close_found_late(conn, funder.id, run_id, day)
+
+    absent = await rq.absent(conn, funder.id, day, day - timedelta(days=window + EARLIER_DAYS))
+    decided = [
+        (r, classify_absent(Ours(r["our_status"], r["our_amount"], r["expected_day"]), day, window))
+        for r in absent
+    ]
+    missing = [r["order_no"] for r, d in decided if d.type is BreakType.MISSING_AT_BANK]
+    already = await rq.reported_elsewhere(
+        conn, funder.id, run_id, BreakType.MISSING_AT_BANK.value, missing
+    )
+    batch = []
+    for r, d in decided:
+        if d.type is BreakType.MISSING_AT_BANK and r["order_no"] in already:
+            continue  # reported by the run of an earlier day: never twice
+        summary.count(d, r["our_amount"])
+        if d.is_break:
+            batch.append(
+                _break_row(
+                    d,
+                    r["order_no"],
+                    attempt_id=r["attempt_id"],
+                    txn_no=r["txn_no"],
+                    our_status=r["our_status"],
+                    our_amount=r["our_amount"],
+                    bank_status=None,
+                    bank_amount=None,
+                    bank_ref=None,
+                    bank_lines=0,
+                    line_no=None,
+                    evidence={
+                        "expected_day": r["expected_day"].isoformat(),
+                        "statement_day": day.isoformat(),
+                        "window_days": window,
+                    },
+                )
+            )
+    if batch:
+        await rq.copy_new_breaks(conn, batch)
+    await rq.save_breaks(conn, run_id, funder.id, day)
+    return summary
+
+
+async def _auto_resolve(
+    svc: Services, funder_id: str, day: date, run_id: int, summary: Summary
+) -> None:
+    """Step 2: each certain answer applied through the state machine, one attempt at a time."""
+    async with svc.pool.acquire() as conn:
+        pending = await rq.auto_pending(conn, run_id)
+    for b in pending:
+        async with svc.pool.acquire() as conn, conn.transaction():
+            a = await q.lock_attempt(conn, b["attempt_id"])
+            brk = await rq.lock_break(conn, b["id"])
+            if a is None or brk is None or brk["status"] != "auto_pending":
+                continue
+            evidence = brk["evidence"] or {}
+            bank = _bank_of(evidence)
+            day_of = svc.business_day(a["created_at"])
+            d = classify(Ours(a["status"], a["amount"], day_of), bank)
+            status = d.bank_status
+            t = brk["type"]
+            if status is None and d.verdict is not Verdict.MATCHED:
+                # the gateway moved meanwhile and now disagrees for good: a person decides
+                await rq.update_break(conn, brk["id"], status="open", reason=d.reason)
+                continue
+            moved = False
+            if status is not None:
+                moved = await outcomes.apply_bank_status(
+                    conn,
+                    svc,
+                    a,
+                    status,
+                    bank_ref=brk["bank_ref"],
+                    fail_code="failed_on_statement" if status is BankStatus.FAILED else None,
+                    fail_reason=f"the bank's statement of {day} lists it as failed"
+                    if status is BankStatus.FAILED
+                    else None,
+                    source=SOURCE,
+                )
+            note = (
+                f"set to {status.value} from the statement of {day} line {brk['line_no']}"
+                if moved and status is not None
+                else f"already {a['status']} when the run applied the statement"
+            )
+            await rq.update_break(
+                conn,
+                brk["id"],
+                status="auto_resolved",
+                resolution="auto",
+                resolved_by=SOURCE,
+                resolved_at=svc.clock(),
+                note=note,
+            )
+            await q.voucher(
+                conn,
+                "recon.auto_resolved",
+                {
+                    "break_id": brk["id"],
+                    "run_id": run_id,
+                    "funder_id": funder_id,
+                    "order_no": brk["order_no"],
+                    "type": t,
+                    "from": a["status"],
+                    "to": status.value if moved and status is not None else a["status"],
+                    "evidence": evidence,
+                },
+                a["txn_no"],
+            )
+        summary.auto_resolved[t].add(brk["our_amount"] or 0)
+        log.info(
+            "recon.auto_resolved",
+            funder_id=funder_id,
+            order_no=brk["order_no"],
+            type=t,
+            moved=moved,
+        )
+
+
+async def reconcile_day(
+    svc: Services,
+    funder_id: str,
+    day: date,
+    *,
+    trigger: str = "cli",
+    progress: Progress | None = None,
+) -> RunResult:
+    """Reconcile one funder's statement of one business day. Raises `RunInProgress` when
+    another process holds this (funder, day); a bad statement is a failed run, not an
+    exception."""
+    funder = svc.funders.get(funder_id)
+    if funder is None:
+        raise ValueError(f"unknown funder {funder_id!r}")
+    started = time.perf_counter()
+    log.info("recon.started", funder_id=funder_id, day=day.isoformat(), trigger=trigger)
+    async with svc.pool.acquire() as conn:
+        key = f"{funder_id}:{day.isoformat()}"
+        got = await conn.fetchval(
+            "SELECT pg_try_advisory_lock($1::int, hashtext($2))", RUN_LOCK_CLASS, key
+        )
+        if not got:
+            raise RunInProgress(f"{funder_id} {day} is being reconciled by another process")
+        try:
+            run = await rq.start_run(conn, funder_id, day, trigger)
+            run_id = int(run["id"])
+            try:
+                async with conn.transaction():
+                    summary = await _classify(conn, svc, funder, day, run_id, progress)
+            except (StatementError, ConnectorError) as e:
+                reason = str(e)
+                await rq.fail_run(conn, run_id, reason)
+                seconds = time.perf_counter() - started
+                _observe(svc, funder_id, "failed", seconds, 0)
+                log.error("recon.failed", funder_id=funder_id, day=day.isoformat(), error=reason)
+                return RunResult(run_id, funder_id, day, "failed", reason, Summary(), seconds)
+            except BaseException as e:
+                with contextlib.suppress(Exception):
+                    await rq.fail_run(conn, run_id, f"internal error: {type(e).__name__}: {e}")
+                raise
+            await _auto_resolve(svc, funder_id, day, run_id, summary)
+            summary.open = await rq.open_breaks(conn, run_id)
+            await rq.finish_run(conn, run_id, summary.lines, summary.amount, summary.to_json())
+            await refresh_break_gauges(svc, conn, funder_id)
+        finally:
+            await conn.execute(
+                "SELECT pg_advisory_unlock($1::int, hashtext($2))", RUN_LOCK_CLASS, key
+            )
+    seconds = time.perf_counter() - started
+    _observe(svc, funder_id, "succeeded", seconds, summary.lines)
+    log.info(
+        "recon.finished",
+        funder_id=funder_id,
+        day=day.isoformat(),
+        lines=summary.lines,
+        matched=summary.matched.count,
+        breaks=summary.total_breaks,
+        auto_resolved=summary.total_auto_resolved,
+        open=summary.open,
+        pending=summary.pending.count,
+        seconds=round(seconds, 3),
+    )
+    return RunResult(run_id, funder_id, day, "succeeded", None, summary, seconds)
+
+
+def _observe(
+    svc: Services, funder_id: str, outcome: ReconOutcome, seconds: float, lines: int
+) -> None:
+    svc.metrics.recon_run(funder_id, outcome, seconds, lines)
+
+
+async def refresh_break_gauges(svc: Services, conn: q.Conn, funder_id: str) -> None:
+    """`fundgate_recon_breaks{funder,type}` from the database: every type, 0 when none."""
+    counts = await rq.open_by_type(conn, funder_id)
+    svc.metrics.set_recon_breaks(funder_id, {t.value: counts.get(t.value, 0) for t in BreakType})
+
+
+# ---------------------------------------------------------------- resolving a break
+
+
+class ResolveError(Exception):
+    def __init__(self, code: str, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+# bank_is_right: the status the bank's answer means for our record, per break type
+_BANK_TRUTH: dict[str, BankStatus | None] = {
+    BreakType.STATUS_MISMATCH_BANK_SUCCEEDED: BankStatus.SUCCEEDED,
+    BreakType.STATUS_MISMATCH_BANK_FAILED: BankStatus.FAILED,
+    BreakType.MISSING_AT_BANK: BankStatus.FAILED,
+    BreakType.AMOUNT_MISMATCH: None,
+    BreakType.MISSING_AT_GATEWAY: None,
+    BreakType.DUPLICATE_AT_BANK: None,
+}
+
+
+async def resolve_break(
+    svc: Services, break_id: int, resolution: str, note: str, who: str
+) -> dict[str, Any]:
+    """A person's decision on an open break, with an audit trail (who, when, why) and a
+    voucher. `bank_is_right` applies the bank's answer through the state machine where it
+    can move our record forward (an open attempt); a record already final is never rewritten
+    here: the correction is recorded, and `correction.applied` says it was not applied."""
+    if resolution not in ("bank_is_right", "gateway_is_right"):
+        raise ResolveError("invalid_resolution", "resolution must be bank_is_right or "
+                           "gateway_is_right", 422)  # fmt: skip
+    async with svc.pool.acquire() as conn, conn.transaction():
+        brk = await rq.lock_break(conn, break_id)
+        if brk is None:
+            raise ResolveError("not_found", f"no break {break_id}", 404)
+        if brk["status"] not in ("open",):
+            raise ResolveError(
+                "break_not_open", f"break {break_id} is {brk['status']}, not open", 409
+            )
+        correction: dict[str, Any] = {"applied": False, "from": brk["our_status"], "to": None}
+        txn_no = brk["txn_no"]
+        if resolution == "bank_is_right":
+            target = _BANK_TRUTH.get(brk["type"])
+            if target is not None and brk["attempt_id"] is not None:
+                a = await q.lock_attempt(conn, brk["attempt_id"])
+                assert a is not None
+                txn_no = a["txn_no"]
+                correction["from"] = a["status"]
+                correction["to"] = target.value
+                moved = await outcomes.apply_bank_status(
+                    conn,
+                    svc,
+                    a,
+                    target,
+                    bank_ref=brk["bank_ref"],
+                    fail_code="failed_on_statement" if target is BankStatus.FAILED else None,
+                    fail_reason=note or None,
+                    source=f"{SOURCE}:resolve",
+                )
+                correction["applied"] = moved
+                if not moved:
+                    correction["reason"] = (
+                        f"the state machine does not move {a['status']} to {target.value}; "
+                        "the bank's answer is recorded for a manual adjustment"
+                    )
+            else:
+                correction["reason"] = "no gateway record to correct; recorded for follow-up"
+        now = svc.clock()
+        row = await rq.update_break(
+            conn,
+            break_id,
+            status="resolved",
+            resolution=resolution,
+            resolved_by=who,
+            resolved_at=now,
+            note=note,
+            evidence={**(brk["evidence"] or {}), "correction": correction},
+        )
+        await q.voucher(
+            conn,
+            "recon.break_resolved",
+            {
+                "break_id": break_id,
+                "run_id": brk["run_id"],
+                "funder_id": brk["funder_id"],
+                "order_no": brk["order_no"],
+                "type": brk["type"],
+                "resolution": resolution,
+                "by": who,
+                "at": now.isoformat(),
+                "note": note,
+                "correction": correction,
+            },
+            txn_no,
+        )
+        await refresh_break_gauges(svc, conn, brk["funder_id"])
+    log.info(
+        "recon.break_resolved",
+        break_id=break_id,
+        type=brk["type"],
+        resolution=resolution,
+        by=who,
+        applied=correction["applied"],
+    )
+    return dict(row)
+
+
+# ---------------------------------------------------------------- the schedule
+
+
+async def _due(svc: Services, conn: q.Conn, funder: Funder, latest: date) -> list[date]:
+    cfg = svc.cfg.reconciliation
+    first = await rq.first_attempt_at(conn, funder.id)
+    since = latest - timedelta(days=cfg.catch_up_days)
+    runs = await rq.done_days(conn, funder.id, since)
+    now = svc.clock()
+    done = set()
+    for day, r in runs.items():
+        if r["status"] == "succeeded":
+            done.add(day)
+        elif r["status"] == "running":
+            done.add(day)  # under way elsewhere (or died: the run lock tells, below)
+            if r["started_at"] < now - timedelta(seconds=RETRY_FAILED_SECONDS):
+                done.discard(day)
+        elif r["finished_at"] and r["finished_at"] > now - timedelta(seconds=RETRY_FAILED_SECONDS):
+            done.add(day)  # failed a moment ago: give the bank time to republish
+    return schedule.due_days(
+        latest,
+        first_activity=None if first is None else svc.business_day(first),
+        catch_up_days=cfg.catch_up_days,
+        done=done,
+    )
+
+
+async def run_due(svc: Services, *, trigger: str = "scheduler") -> list[RunResult]:
+    """Every due (funder, day), oldest first, if this process wins the scheduler lock."""
+    results: list[RunResult] = []
+    now_local = svc.clock().astimezone(svc.cfg.gateway.zone)
+    latest = schedule.latest_due_day(now_local, svc.cfg.reconciliation.run_at)
+    async with svc.pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SCHEDULER_LOCK_KEY):
+            return results
+        try:
+            for funder in svc.cfg.funders:
+                for day in await _due(svc, conn, funder, latest):
+                    try:
+                        results.append(await reconcile_day(svc, funder.id, day, trigger=trigger))
+                    except RunInProgress:
+                        log.info("recon.skipped_in_progress", funder_id=funder.id, day=str(day))
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", SCHEDULER_LOCK_KEY)
+    return results
+
+
+async def run_scheduler(
+    svc: Services, stop: asyncio.Event, *, poll_seconds: float = SCHEDULER_POLL_SECONDS
+) -> None:
+    """Inside `fundgate serve`: catch up at start, then reconcile yesterday at `run_at`."""
+    while not stop.is_set():
+        try:
+            await run_due(svc)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            log.warning("recon.scheduler_failed", error=str(e))
+        except Exception:
+            log.exception("recon.scheduler_crashed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), poll_seconds)

@@ -1,0 +1,473 @@
+"""Every query of the nightly reconciliation (`gateway.reconcile`). Functions take a
+connection; the caller owns the transaction.
+
+A run streams its statement into a temporary table with COPY and does the matching where
+the data lives: per order aggregates (`recon_bank`), joined against the funder's attempts and
+earlier statements (`recon_joined`); the common case (one line, same amount, same final
+status) is counted in SQL and only the rest is read back to be classified one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Iterable, Sequence
+from datetime import date, datetime
+from typing import Any
+
+import asyncpg
+
+from gateway.store.queries import Conn
+
+STAGE_COLUMNS = ("line_no", "order_no", "bank_ref", "amount", "status", "booked_at")
+BREAK_COLUMNS = (
+    "order_no", "type", "status", "severity", "reason", "attempt_id", "txn_no", "our_status",
+    "our_amount", "bank_status", "bank_amount", "bank_ref", "bank_lines", "line_no", "evidence",
+)  # fmt: skip
+
+# ---------------------------------------------------------------- runs
+
+
+async def start_run(conn: Conn, funder_id: str, day: date, trigger: str) -> asyncpg.Record:
+    """The run of (funder, day), created or restarted; breaks of an earlier run stay."""
+    row = await conn.fetchrow(
+        """
+        INSERT INTO recon_runs AS r (funder_id, business_day, status, trigger)
+        VALUES ($1, $2, 'running', $3)
+        ON CONFLICT (funder_id, business_day) DO UPDATE
+           SET status = 'running', trigger = EXCLUDED.trigger, runs = r.runs + 1,
+               started_at = now(), finished_at = NULL, error = NULL
+        RETURNING *
+        """,
+        funder_id,
+        day,
+        trigger,
+    )
+    assert row is not None
+    return row
+
+
+async def fail_run(conn: Conn, run_id: int, error: str) -> None:
+    await conn.execute(
+        "UPDATE recon_runs SET status = 'failed', error = $2, finished_at = now() WHERE id = $1",
+        run_id,
+        error[:2000],
+    )
+
+
+async def finish_run(
+    conn: Conn, run_id: int, lines: int, amount: int, summary: dict[str, Any]
+) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        """UPDATE recon_runs SET status = 'succeeded', error = NULL, finished_at = now(),
+                  lines = $2, amount = $3, summary = $4
+            WHERE id = $1 RETURNING *""",
+        run_id,
+        lines,
+        amount,
+        summary,
+    )
+    assert row is not None
+    return row
+
+
+async def get_run(conn: Conn, run_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM recon_runs WHERE id = $1", run_id)
+
+
+async def run_of(conn: Conn, funder_id: str, day: date) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT * FROM recon_runs WHERE funder_id = $1 AND business_day = $2", funder_id, day
+    )
+
+
+async def list_runs(
+    conn: Conn, *, day: date | None, funder_id: str | None, limit: int
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT * FROM recon_runs
+            WHERE ($1::date IS NULL OR business_day = $1)
+              AND ($2::text IS NULL OR funder_id = $2)
+            ORDER BY business_day DESC, funder_id LIMIT $3""",
+        day,
+        funder_id,
+        limit,
+    )
+
+
+async def done_days(conn: Conn, funder_id: str, since: date) -> dict[date, asyncpg.Record]:
+    """Runs of a funder from `since` on, by day: what the scheduler need not run again."""
+    rows = await conn.fetch(
+        "SELECT * FROM recon_runs WHERE funder_id = $1 AND business_day >= $2",
+        funder_id,
+        since,
+    )
+    return {r["business_day"]: r for r in rows}
+
+
+async def first_attempt_at(conn: Conn, funder_id: str) -> datetime | None:
+    at: datetime | None = await conn.fetchval(
+        "SELECT min(created_at) FROM attempts WHERE funder_id = $1", funder_id
+    )
+    return at
+
+
+# ---------------------------------------------------------------- staging and matching
+
+
+async def create_stage(conn: Conn) -> None:
+    await conn.execute(
+        """
+        CREATE TEMP TABLE recon_stage (
+            line_no   bigint NOT NULL,
+            order_no  text   NOT NULL,
+            bank_ref  text,
+            amount    bigint NOT NULL,
+            status    text   NOT NULL,
+            booked_at timestamptz
+        ) ON COMMIT DROP
+        """
+    )
+
+
+async def copy_stage(conn: Conn, records: AsyncIterable[tuple[Any, ...]]) -> None:
+    await conn.copy_records_to_table("recon_stage", records=records, columns=STAGE_COLUMNS)
+
+
+async def duplicate_line(conn: Conn) -> tuple[int, int] | None:
+    """(first, repeat) line numbers of the first line that repeats another exactly. Only
+    orders listed more than once can hold one (after `aggregate_stage`)."""
+    row = await conn.fetchrow(
+        """
+        SELECT lines[1] AS first, lines[2] AS repeat FROM (
+            SELECT array_agg(s.line_no ORDER BY s.line_no) AS lines
+              FROM recon_stage s JOIN recon_bank b ON b.order_no = s.order_no AND b.lines > 1
+             GROUP BY s.order_no, s.bank_ref, s.amount, s.status, s.booked_at
+            HAVING count(*) > 1) d
+         ORDER BY lines[2] LIMIT 1
+        """
+    )
+    return None if row is None else (row["first"], row["repeat"])
+
+
+async def aggregate_stage(conn: Conn) -> tuple[int, int]:
+    """Per order aggregates of the statement; returns (lines, total amount)."""
+    await conn.execute(
+        """
+        CREATE TEMP TABLE recon_bank ON COMMIT DROP AS
+        SELECT order_no,
+               count(*)::int                                      AS lines,
+               (count(*) FILTER (WHERE status = 'succeeded'))::int AS succeeded,
+               (count(*) FILTER (WHERE status = 'failed'))::int    AS failed,
+               (count(*) FILTER (WHERE status = 'reversed'))::int  AS reversed,
+               min(amount)                                        AS amount_min,
+               max(amount)                                        AS amount_max,
+               min(line_no)                                       AS line_no,
+               min(bank_ref)                                      AS bank_ref
+          FROM recon_stage GROUP BY order_no
+        """
+    )
+    await conn.execute("ANALYZE recon_bank")
+    row = await conn.fetchrow(
+        "SELECT count(*) AS n, coalesce(sum(amount), 0)::bigint AS total FROM recon_stage"
+    )
+    assert row is not None
+    return int(row["n"]), int(row["total"])
+
+
+async def join_records(
+    conn: Conn, funder_id: str, day: date, earlier_from: date, run_id: int, zone: str
+) -> tuple[int, int]:
+    """Join the statement with our attempts and earlier statements; returns the count and
+    amount of plain matches (one line, never listed before, same amount and final status),
+    which need nothing more."""
+    await conn.execute(
+        """
+        CREATE TEMP TABLE recon_joined ON COMMIT DROP AS
+        WITH earlier AS (
+            SELECT s.order_no, sum(s.paid)::int AS paid
+              FROM recon_seen s JOIN recon_bank b USING (order_no)
+             WHERE s.funder_id = $1 AND s.business_day >= $3 AND s.business_day < $2
+             GROUP BY s.order_no),
+        auto AS (
+            SELECT order_no, min(type) AS type FROM recon_breaks
+             WHERE run_id = $4 AND status = 'auto_resolved' GROUP BY order_no)
+        SELECT b.*, e.paid AS earlier_paid, au.type AS auto_type,
+               a.id AS attempt_id, a.status AS our_status, d.amount AS our_amount, d.txn_no,
+               (a.created_at AT TIME ZONE $5)::date AS our_day,
+               (a.id IS NOT NULL AND b.lines = 1 AND e.order_no IS NULL AND au.type IS NULL
+                AND b.amount_min = d.amount
+                AND ((b.succeeded = 1 AND a.status = 'succeeded')
+                     OR (b.failed = 1 AND a.status = 'failed'))) AS plain
+          FROM recon_bank b
+          LEFT JOIN earlier e ON e.order_no = b.order_no
+          LEFT JOIN auto au ON au.order_no = b.order_no
+          LEFT JOIN attempts a ON a.order_no = b.order_no AND a.funder_id = $1
+          LEFT JOIN disbursements d ON d.id = a.disbursement_id
+        """,
+        funder_id,
+        day,
+        earlier_from,
+        run_id,
+        zone,
+    )
+    row = await conn.fetchrow(
+        """SELECT count(*) AS n, coalesce(sum(our_amount), 0)::bigint AS total
+             FROM recon_joined WHERE plain"""
+    )
+    assert row is not None
+    await conn.execute(
+        """CREATE TEMP TABLE recon_odd ON COMMIT DROP AS
+           SELECT row_number() OVER (ORDER BY line_no) AS i, * FROM recon_joined
+            WHERE NOT plain"""
+    )
+    return int(row["n"]), int(row["total"])
+
+
+async def odd_rows(conn: Conn, after: int, limit: int) -> list[asyncpg.Record]:
+    """The orders that are not plain matches, a page at a time, in statement order."""
+    return await conn.fetch(
+        "SELECT * FROM recon_odd WHERE i > $1 ORDER BY i LIMIT $2", after, limit
+    )
+
+
+async def record_seen(conn: Conn, funder_id: str, day: date, keep_from: date) -> None:
+    """What this statement listed, replacing an earlier run of the same day; older rows than
+    `keep_from` are pruned."""
+    await conn.execute(
+        "DELETE FROM recon_seen WHERE funder_id = $1 AND (business_day = $2 OR business_day < $3)",
+        funder_id,
+        day,
+        keep_from,
+    )
+    await conn.execute(
+        """INSERT INTO recon_seen (funder_id, business_day, order_no, lines, paid, amount)
+           SELECT $1, $2, order_no, lines, succeeded - reversed, amount_max FROM recon_bank
+            ORDER BY order_no""",  # in key order: the index grows at its end, not at random
+        funder_id,
+        day,
+    )
+
+
+async def sweep_pending(
+    conn: Conn, funder_id: str, day: date, day_start: datetime, day_end: datetime, keep_from: date
+) -> None:
+    """The pool after this statement: orders it lists are found (recomputed from
+    `recon_seen`, so re-running a day with another file is exact); the day's own orders it
+    does not list join the pool."""
+    await conn.execute(
+        """
+        UPDATE recon_pending p
+           SET seen_day = (SELECT min(s.business_day) FROM recon_seen s
+                            WHERE s.funder_id = p.funder_id AND s.order_no = p.order_no
+                              AND s.business_day >= p.expected_day)
+         WHERE p.funder_id = $1
+           AND (p.seen_day = $2 OR p.order_no IN (SELECT order_no FROM recon_bank))
+        """,
+        funder_id,
+        day,
+    )
+    await conn.execute(
+        """
+        INSERT INTO recon_pending (funder_id, order_no, attempt_id, expected_day)
+        SELECT a.funder_id, a.order_no, a.id, $2
+          FROM attempts a
+         WHERE a.funder_id = $1 AND a.created_at >= $3 AND a.created_at < $4
+           AND a.status <> 'failed'
+           AND NOT EXISTS (SELECT 1 FROM recon_bank b WHERE b.order_no = a.order_no)
+        ON CONFLICT (funder_id, order_no) DO NOTHING
+        """,
+        funder_id,
+        day,
+        day_start,
+        day_end,
+    )
+    await conn.execute(
+        "DELETE FROM recon_pending WHERE funder_id = $1 AND expected_day < $2",
+        funder_id,
+        keep_from,
+    )
+
+
+async def absent(conn: Conn, funder_id: str, day: date, since: date) -> list[asyncpg.Record]:
+    """Orders of ours from `since` to `day` that no statement up to `day` has listed."""
+    return await conn.fetch(
+        """
+        SELECT p.order_no, p.expected_day, a.id AS attempt_id, a.status AS our_status,
+               d.amount AS our_amount, d.txn_no
+          FROM recon_pending p
+          JOIN attempts a ON a.id = p.attempt_id
+          JOIN disbursements d ON d.id = a.disbursement_id
+         WHERE p.funder_id = $1 AND p.expected_day <= $2 AND p.expected_day >= $3
+           AND (p.seen_day IS NULL OR p.seen_day > $2)
+         ORDER BY p.expected_day, p.order_no
+        """,
+        funder_id,
+        day,
+        since,
+    )
+
+
+async def reported_elsewhere(
+    conn: Conn, funder_id: str, run_id: int, kind: str, order_nos: Sequence[str]
+) -> set[str]:
+    """Orders that already have a break of `kind` from another run."""
+    if not order_nos:
+        return set()
+    rows = await conn.fetch(
+        """SELECT order_no FROM recon_breaks
+            WHERE funder_id = $1 AND type = $2 AND run_id <> $3
+              AND order_no = ANY($4::text[])""",
+        funder_id,
+        kind,
+        run_id,
+        list(order_nos),
+    )
+    return {r["order_no"] for r in rows}
+
+
+async def close_found_late(conn: Conn, funder_id: str, run_id: int, day: date) -> int:
+    """Open `missing_at_bank` breaks of earlier runs whose order this statement lists after
+    all: closed automatically, with the line as evidence."""
+    status = await conn.execute(
+        """
+        UPDATE recon_breaks r
+           SET status = 'auto_resolved', resolution = 'auto', resolved_by = 'reconciliation',
+               resolved_at = now(), updated_at = now(),
+               note = 'listed late, on the statement of ' || $3::date::text || ' line '
+                      || b.line_no,
+               evidence = coalesce(r.evidence, '{}'::jsonb) || jsonb_build_object(
+                   'found_on', $3::date, 'line_no', b.line_no, 'bank_ref', b.bank_ref,
+                   'succeeded', b.succeeded, 'failed', b.failed, 'reversed', b.reversed)
+          FROM recon_bank b
+         WHERE r.funder_id = $1 AND r.order_no = b.order_no AND r.type = 'missing_at_bank'
+           AND r.status = 'open' AND r.run_id <> $2
+        """,
+        funder_id,
+        run_id,
+        day,
+    )
+    return int(status.split()[-1])
+
+
+# ---------------------------------------------------------------- breaks
+
+
+async def create_new_breaks(conn: Conn) -> None:
+    await conn.execute(
+        """
+        CREATE TEMP TABLE recon_new_breaks (
+            order_no text, type text, status text, severity text, reason text,
+            attempt_id bigint, txn_no text, our_status text, our_amount bigint,
+            bank_status text, bank_amount bigint, bank_ref text, bank_lines integer,
+            line_no bigint, evidence text  -- JSON text: COPY's binary format has no jsonb codec
+        ) ON COMMIT DROP
+        """
+    )
+
+
+async def copy_new_breaks(conn: Conn, rows: Iterable[tuple[Any, ...]]) -> None:
+    await conn.copy_records_to_table("recon_new_breaks", records=rows, columns=BREAK_COLUMNS)
+
+
+async def save_breaks(conn: Conn, run_id: int, funder_id: str, day: date) -> None:
+    """Upsert the run's breaks; a break a person (or the run) already resolved keeps its
+    resolution; an open break the run no longer finds is removed (it was never acted on)."""
+    cols = ", ".join(BREAK_COLUMNS)
+    values = cols.replace("evidence", "evidence::jsonb")
+    updates = ", ".join(
+        f"{c} = EXCLUDED.{c}" for c in BREAK_COLUMNS if c not in ("order_no", "type", "status")
+    )
+    await conn.execute(
+        f"""
+        INSERT INTO recon_breaks AS r (run_id, funder_id, business_day, {cols})
+        SELECT $1, $2, $3, {values} FROM recon_new_breaks
+        ON CONFLICT (run_id, order_no, type) DO UPDATE
+           SET {updates}, updated_at = now(),
+               status = CASE WHEN r.status IN ('open', 'auto_pending') THEN EXCLUDED.status
+                             ELSE r.status END
+        """,
+        run_id,
+        funder_id,
+        day,
+    )
+    await conn.execute(
+        """
+        DELETE FROM recon_breaks r
+         WHERE r.run_id = $1 AND r.status IN ('open', 'auto_pending')
+           AND NOT EXISTS (SELECT 1 FROM recon_new_breaks n
+                            WHERE n.order_no = r.order_no AND n.type = r.type)
+        """,
+        run_id,
+    )
+
+
+async def auto_pending(conn: Conn, run_id: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT * FROM recon_breaks WHERE run_id = $1 AND status = 'auto_pending'"
+        " ORDER BY attempt_id",
+        run_id,
+    )
+
+
+async def lock_break(conn: Conn, break_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM recon_breaks WHERE id = $1 FOR UPDATE", break_id)
+
+
+async def get_break(conn: Conn, break_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM recon_breaks WHERE id = $1", break_id)
+
+
+async def update_break(conn: Conn, break_id: int, **fields: Any) -> asyncpg.Record:
+    sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(fields, start=2))
+    row = await conn.fetchrow(
+        f"UPDATE recon_breaks SET updated_at = now(), {sets} WHERE id = $1 RETURNING *",
+        break_id,
+        *fields.values(),
+    )
+    assert row is not None
+    return row
+
+
+async def list_breaks(
+    conn: Conn,
+    *,
+    run_id: int | None,
+    funder_id: str | None,
+    kind: str | None,
+    status: str | None,
+    after_id: int | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """
+        SELECT * FROM recon_breaks
+         WHERE ($1::bigint IS NULL OR run_id = $1)
+           AND ($2::text IS NULL OR funder_id = $2)
+           AND ($3::text IS NULL OR type = $3)
+           AND ($4::text IS NULL OR status = $4)
+           AND ($5::bigint IS NULL OR id > $5)
+         ORDER BY id LIMIT $6
+        """,
+        run_id,
+        funder_id,
+        kind,
+        status,
+        after_id,
+        limit,
+    )
+
+
+async def open_breaks(conn: Conn, run_id: int) -> int:
+    n = await conn.fetchval(
+        "SELECT count(*) FROM recon_breaks WHERE run_id = $1 AND status = 'open'", run_id
+    )
+    return int(n)
+
+
+async def open_by_type(conn: Conn, funder_id: str) -> dict[str, int]:
+    """Unresolved breaks of a funder over every run, by type (the breaks gauge)."""
+    rows = await conn.fetch(
+        """SELECT type, count(*) AS n FROM recon_breaks
+            WHERE funder_id = $1 AND status IN ('open', 'auto_pending') GROUP BY type""",
+        funder_id,
+    )
+    return {r["type"]: int(r["n"]) for r in rows}

@@ -1,0 +1,700 @@
+"""Nightly reconciliation on real PostgreSQL: the statement streamed in with COPY, matched in
+SQL, breaks persisted idempotently per (funder, day), certain answers applied through the
+state machine, the rest resolved by a person, and the schedule under an advisory lock.
+
+Records are written straight into the store (a disbursement and its attempt in the state a
+test needs), and the bank is a fake connector whose statement each test scripts per day.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestClient, TestServer
+
+from config.models import FileConfig, StatementConfig
+from connectors.base import StatementLine
+from connectors.errors import OutcomeUnknown
+from gateway.app import create_app
+from gateway.context import Services
+from gateway.metrics import Metrics
+from gateway.reconcile import (
+    SCHEDULER_LOCK_KEY,
+    RunInProgress,
+    reconcile_day,
+    resolve_break,
+    run_due,
+    run_scheduler,
+)
+from gateway.store import queries as q
+from gateway.store import recon_queries as rq
+from tests.integration.conftest import AUTH, make_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+
+ZONE = ZoneInfo("Asia/Shanghai")
+D = date(2026, 3, 10)
+AMOUNT = 1_000_000
+
+
+def at(day: date, hour: int = 12) -> datetime:
+    return datetime.combine(day, time(hour), tzinfo=ZONE)
+
+
+@dataclass
+class StatementBank:
+    """A connector whose only job here is to publish scripted statements."""
+
+    funder_id: str
+    name: str = "statement-fake"
+    days: dict[date, list[StatementLine]] = field(default_factory=dict)
+    broken: dict[date, Exception] = field(default_factory=dict)
+    fetched: list[date] = field(default_factory=list)
+
+    def add(
+        self, day: date, order_no: str, status: str = "succeeded", amount: int = AMOUNT,
+        bank_ref: str | None = None,
+    ) -> None:  # fmt: skip
+        lines = self.days.setdefault(day, [])
+        ref = bank_ref or f"R{len(lines) + 1:04d}-{order_no}"
+        lines.append(StatementLine(order_no, ref, amount, status, at(day, 18)))
+
+    async def fetch_statement(self, day: date) -> AsyncIterator[StatementLine]:
+        self.fetched.append(day)
+        for line in self.days.get(day, []):
+            yield line
+        if day in self.broken:
+            raise self.broken[day]
+
+    async def aclose(self) -> None:
+        return None
+
+
+@dataclass
+class World:
+    svc: Services
+    pool: asyncpg.Pool
+    banks: dict[str, StatementBank]
+    now: list[datetime]
+
+    @property
+    def bank(self) -> StatementBank:
+        return self.banks["bank-a"]
+
+    async def record(
+        self,
+        order_no: str,
+        status: str,
+        *,
+        day: date = D,
+        amount: int = AMOUNT,
+        funder_id: str = "bank-a",
+        reserve: bool = True,
+    ) -> int:
+        """A disbursement with one attempt in `status`, its limits reserved; the attempt id."""
+        platform = amount * 3 // 10 if funder_id == "bank-b" else 0
+        created = at(day)
+        async with self.pool.acquire() as conn, conn.transaction():
+            columns = {
+                r["column_name"]
+                for r in await conn.fetch(
+                    "SELECT column_name FROM information_schema.columns"
+                    " WHERE table_name = 'disbursements'"
+                )
+            }
+            # the payee in clear, where the schema still stores it so (personal data is
+            # encrypted at rest from migration 0007 on; reconciliation never reads it)
+            payee = {
+                k: v
+                for k, v in (("payee_account_no", "6222020200112233445"),
+                             ("payee_account_name", "张三"))
+                if k in columns
+            }  # fmt: skip
+            d_id = await q.insert_disbursement(
+                conn,
+                {
+                    **payee,
+                    "txn_no": f"T{order_no}",
+                    "request_hash": hashlib.sha256(order_no.encode()).digest(),
+                    "client": "lending-core",
+                    "loan_id": f"L{order_no}",
+                    "borrower_id": "B1",
+                    "amount": amount,
+                    "currency": "CNY",
+                    "term_unit": "month",
+                    "term_count": 12,
+                    "apr": "0.18",
+                    "product": "consumer-standard",
+                    "repayment": "equal_installment",
+                    "payee_bank_code": "ICBC",
+                    "status": status,
+                    "funder_id": funder_id,
+                    "mode": "co_lending" if platform else "direct",
+                    "alloc_funder": amount - platform,
+                    "alloc_platform": platform,
+                    "business_day": day,
+                    "created_at": created,
+                    "updated_at": created,
+                },
+            )
+            assert d_id is not None
+            attempt_id = await q.insert_attempt(
+                conn,
+                {
+                    "disbursement_id": d_id,
+                    "n": 1,
+                    "funder_id": funder_id,
+                    "order_no": order_no,
+                    "status": status,
+                    "mode": "co_lending" if platform else "direct",
+                    "alloc_funder": amount - platform,
+                    "alloc_platform": platform,
+                    "created_at": created,
+                    "updated_at": created,
+                },
+            )
+            if reserve:
+                assert await q.reserve(conn, q.funder_scope(funder_id), day, amount, 10**12)
+                assert await q.reserve(conn, q.PLATFORM_SCOPE, day, amount, 10**12)
+        return attempt_id
+
+    async def status(self, order_no: str) -> tuple[str, str]:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT a.status, d.status AS d_status FROM attempts a"
+                " JOIN disbursements d ON d.id = a.disbursement_id WHERE a.order_no = $1",
+                order_no,
+            )
+        assert row is not None
+        return row["status"], row["d_status"]
+
+    async def breaks(self, run_id: int | None = None) -> dict[str, asyncpg.Record]:
+        async with self.pool.acquire() as conn:
+            rows = await rq.list_breaks(
+                conn, run_id=run_id, funder_id=None, kind=None, status=None, after_id=None,
+                limit=1000,
+            )  # fmt: skip
+        out = {f"{r['order_no']}/{r['type']}": r for r in rows}
+        assert len(out) == len(rows), "the same order and type reported twice"
+        return out
+
+    async def usage(self, day: date = D) -> dict[str, int]:
+        async with self.pool.acquire() as conn:
+            return await q.usage(conn, day)
+
+
+def services(pool: asyncpg.Pool, cfg: FileConfig, banks: dict[str, Any], now: list[datetime],
+             http: httpx.AsyncClient) -> Services:  # fmt: skip
+    svc = Services(cfg=cfg, pool=pool, connectors=banks, metrics=Metrics(), http=http)
+    svc.clock = lambda: now[0]
+    return svc
+
+
+def config(window_days: int = 3, webhook: str | None = "http://127.0.0.1:9/events",
+           **statement: Any) -> FileConfig:  # fmt: skip
+    cfg = make_config(webhook)
+    recon = cfg.reconciliation.model_copy(update={"window_days": window_days})
+    funders = [
+        f.model_copy(
+            update={"statement": StatementConfig.model_validate(
+                {**f.statement.model_dump(), **statement})}
+        )
+        for f in cfg.funders
+    ]  # fmt: skip
+    return cfg.model_copy(update={"reconciliation": recon, "funders": funders})
+
+
+@pytest_asyncio.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient() as client:
+        yield client
+
+
+@pytest_asyncio.fixture
+async def world(pool: asyncpg.Pool, http: httpx.AsyncClient) -> World:
+    banks = {f: StatementBank(f) for f in ("bank-a", "bank-b")}
+    now = [at(D + timedelta(days=1), 3)]
+    return World(services(pool, config(), dict(banks), now, http), pool, banks, now)
+
+
+def with_window(w: World, window_days: int, **statement: Any) -> World:
+    svc = services(w.pool, config(window_days, **statement), dict(w.banks), w.now, w.svc.http)
+    return World(svc, w.pool, w.banks, w.now)
+
+
+# ---------------------------------------------------------------- matching and breaks
+
+
+async def test_every_break_type_is_found_and_plain_matches_are_counted(world: World) -> None:
+    w = with_window(world, 0)
+    bank = w.bank
+    await w.record("OK1", "succeeded")
+    bank.add(D, "OK1")
+    await w.record("OK2", "failed")
+    bank.add(D, "OK2", "failed")
+    await w.record("AMT", "succeeded")
+    bank.add(D, "AMT", amount=AMOUNT - 1)
+    await w.record("WEFAILED", "failed")
+    bank.add(D, "WEFAILED")
+    await w.record("BANKFAILED", "succeeded")
+    bank.add(D, "BANKFAILED", "failed")
+    await w.record("TWICE", "succeeded")
+    bank.add(D, "TWICE", bank_ref="X1")
+    bank.add(D, "TWICE", bank_ref="X2")
+    bank.add(D, "STRANGER")
+    await w.record("NOWHERE", "succeeded")
+
+    result = await reconcile_day(w.svc, "bank-a", D, trigger="test")
+
+    assert result.ok, result.error
+    s = result.summary
+    assert (s.lines, s.matched.count, s.matched.amount) == (8, 2, 2 * AMOUNT)
+    breaks = await w.breaks(result.run_id)
+    assert {k: b["status"] for k, b in breaks.items()} == {
+        "AMT/amount_mismatch": "open",
+        "WEFAILED/status_mismatch_bank_succeeded": "open",
+        "BANKFAILED/status_mismatch_bank_failed": "open",
+        "TWICE/duplicate_at_bank": "open",
+        "STRANGER/missing_at_gateway": "open",
+        "NOWHERE/missing_at_bank": "open",
+    }
+    assert breaks["STRANGER/missing_at_gateway"]["severity"] == "critical"
+    assert breaks["AMT/amount_mismatch"]["bank_amount"] == AMOUNT - 1
+    assert breaks["TWICE/duplicate_at_bank"]["bank_lines"] == 2
+    assert s.open == 6
+    assert {t: v.count for t, v in s.breaks.items() if v.count} == {
+        "amount_mismatch": 1,
+        "status_mismatch_bank_succeeded": 1,
+        "status_mismatch_bank_failed": 1,
+        "duplicate_at_bank": 1,
+        "missing_at_gateway": 1,
+        "missing_at_bank": 1,
+    }
+    # terminal records are never rewritten by a run
+    assert await w.status("WEFAILED") == ("failed", "failed")
+    assert await w.status("BANKFAILED") == ("succeeded", "succeeded")
+    # an order of another funder is not this statement's business
+    assert bank.fetched == [D]
+
+
+async def test_unknown_and_processing_orders_are_resolved_by_the_statement(world: World) -> None:
+    w = world
+    await w.record("U1", "unknown")
+    w.bank.add(D, "U1")
+    await w.record("P1", "processing")
+    w.bank.add(D, "P1", "failed")
+    before = await w.usage()
+
+    result = await reconcile_day(w.svc, "bank-a", D, trigger="test")
+
+    assert result.ok, result.error
+    assert await w.status("U1") == ("succeeded", "succeeded")
+    assert await w.status("P1") == ("failed", "failed")
+    after = await w.usage()
+    # succeeded: the reservation is settled (stays used); failed: released
+    assert after[q.funder_scope("bank-a")] == before[q.funder_scope("bank-a")] - AMOUNT
+    assert after[q.PLATFORM_SCOPE] == before[q.PLATFORM_SCOPE] - AMOUNT
+    breaks = await w.breaks(result.run_id)
+    auto = breaks["U1/status_mismatch_bank_succeeded"]
+    assert (auto["status"], auto["resolution"], auto["resolved_by"]) == (
+        "auto_resolved",
+        "auto",
+        "reconciliation",
+    )
+    assert auto["evidence"]["statement_day"] == D.isoformat()
+    assert breaks["P1/status_mismatch_bank_failed"]["status"] == "auto_resolved"
+    assert result.summary.open == 0
+    assert result.summary.auto_resolved["status_mismatch_bank_succeeded"].count == 1
+    async with w.pool.acquire() as conn:
+        webhooks = await conn.fetchval("SELECT count(*) FROM outbox WHERE kind = 'webhook'")
+        kinds = [r["kind"] for r in await q.vouchers_of(conn, "TU1")]
+    assert webhooks == 2  # the lending core hears of both outcomes
+    assert "disbursement.succeeded" in kinds
+    assert "recon.auto_resolved" in kinds
+
+
+async def test_co_lending_prefund_comes_back_when_the_bank_failed_it(world: World) -> None:
+    w = world
+    async with w.pool.acquire() as conn:
+        await q.seed_prefund(conn, {"bank-b": 10_000_000})
+        await conn.execute("UPDATE prefund SET balance = balance - $1", AMOUNT * 3 // 10)
+    await w.record("B1", "unknown", funder_id="bank-b")
+    w.banks["bank-b"].add(D, "B1", "failed")
+
+    assert (await reconcile_day(w.svc, "bank-b", D, trigger="test")).ok
+    async with w.pool.acquire() as conn:
+        assert (await q.prefund_balances(conn))["bank-b"] == 10_000_000
+    assert await w.status("B1") == ("failed", "failed")
+
+
+# ---------------------------------------------------------------- idempotence
+
+
+async def test_rerunning_a_day_updates_its_run_and_never_duplicates_breaks(world: World) -> None:
+    w = with_window(world, 0)
+    await w.record("A", "succeeded")
+    w.bank.add(D, "A", amount=1)
+    w.bank.add(D, "STRANGER")
+    await w.record("U", "unknown")
+    w.bank.add(D, "U")
+
+    first = await reconcile_day(w.svc, "bank-a", D, trigger="test")
+    second = await reconcile_day(w.svc, "bank-a", D, trigger="test")
+
+    assert first.run_id == second.run_id
+    assert first.summary.to_json() == second.summary.to_json()
+    async with w.pool.acquire() as conn:
+        run = await rq.get_run(conn, first.run_id)
+        assert run is not None
+        assert run["runs"] == 2
+        assert run["status"] == "succeeded"
+        assert await conn.fetchval("SELECT count(*) FROM recon_runs") == 1
+    breaks = await w.breaks()
+    assert set(breaks) == {
+        "A/amount_mismatch",
+        "STRANGER/missing_at_gateway",
+        "U/status_mismatch_bank_succeeded",
+    }
+
+    # a break the file no longer shows disappears; a resolved one keeps its resolution
+    await resolve_break(w.svc, breaks["A/amount_mismatch"]["id"], "gateway_is_right", "ok", "ops")
+    w.bank.days[D] = [line for line in w.bank.days[D] if line.order_no != "STRANGER"]
+    third = await reconcile_day(w.svc, "bank-a", D, trigger="test")
+    breaks = await w.breaks()
+    assert set(breaks) == {"A/amount_mismatch", "U/status_mismatch_bank_succeeded"}
+    assert breaks["A/amount_mismatch"]["status"] == "resolved"
+    assert third.summary.open == 0
+
+
+# ---------------------------------------------------------------- the cross-day window
+
+
+async def test_an_order_listed_late_is_found_within_the_window(world: World) -> None:
+    w = world  # window 3 days
+    await w.record("LATE", "succeeded")
+    await w.record("NEVER", "succeeded")
+    await w.record("EARLY", "succeeded")
+    w.bank.add(D, "EARLY")
+    w.bank.add(D + timedelta(days=2), "LATE")
+
+    results = [await reconcile_day(w.svc, "bank-a", D + timedelta(days=i)) for i in range(5)]
+
+    # looked for on D + 1 .. D + 3; still absent from D + 3's statement: a break then
+    assert [r.summary.pending.count for r in results] == [2, 2, 1, 0, 0]
+    assert results[2].summary.matched.count == 1
+    breaks = await w.breaks()
+    assert list(breaks) == ["NEVER/missing_at_bank"]  # once, by the run of D + 3
+    assert breaks["NEVER/missing_at_bank"]["business_day"] == D + timedelta(days=3)
+    assert results[4].summary.total_breaks == 0
+
+
+async def test_a_late_line_closes_the_missing_at_bank_break_of_an_earlier_day(
+    world: World,
+) -> None:
+    w = with_window(world, 0)
+    await w.record("SLOW", "succeeded")
+    first = await reconcile_day(w.svc, "bank-a", D)
+    assert (await w.breaks(first.run_id))["SLOW/missing_at_bank"]["status"] == "open"
+
+    w.bank.add(D + timedelta(days=5), "SLOW")
+    late = await reconcile_day(w.svc, "bank-a", D + timedelta(days=5))
+
+    assert late.summary.matched.count == 1
+    found = (await w.breaks(first.run_id))["SLOW/missing_at_bank"]
+    assert (found["status"], found["resolution"]) == ("auto_resolved", "auto")
+    assert "listed late" in found["note"]
+
+
+async def test_a_payout_listed_again_on_a_later_day_is_a_duplicate(world: World) -> None:
+    w = world
+    await w.record("AGAIN", "succeeded")
+    w.bank.add(D, "AGAIN", bank_ref="P1")
+    w.bank.add(D + timedelta(days=1), "AGAIN", bank_ref="P2")
+
+    first = await reconcile_day(w.svc, "bank-a", D)
+    second = await reconcile_day(w.svc, "bank-a", D + timedelta(days=1))
+
+    assert first.summary.matched.count == 1
+    assert list(await w.breaks(second.run_id)) == ["AGAIN/duplicate_at_bank"]
+
+    # a reversal of the payout on a later day: the bank now says the money came back
+    w.bank.add(D + timedelta(days=2), "AGAIN", "reversed", bank_ref="P3")
+    third = await reconcile_day(w.svc, "bank-a", D + timedelta(days=2))
+    assert third.summary.matched.count == 1  # paid once, net: as we say
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
+async def test_a_bad_file_fails_the_run_with_its_line_and_applies_nothing(
+    world: World, tmp_path: Path
+) -> None:
+    w = with_window(world, 0, path=str(tmp_path / "{funder}-{day}.csv"))
+    await w.record("U1", "unknown")
+    await w.record("OK", "succeeded")
+    file = tmp_path / f"bank-a-{D}.csv"
+
+    missing = await reconcile_day(w.svc, "bank-a", D)
+    assert not missing.ok
+    assert "no statement file" in (missing.error or "")
+
+    header = "order_no,bank_ref,amount,status,finished_at\n"
+    _write(file, header + "U1,R1,1000000,SUCCESS,2026-03-10T18:00:00+08:00\nOK,R2,12x,SUCCESS,\n")
+    bad = await reconcile_day(w.svc, "bank-a", D)
+
+    assert (bad.ok, bad.error) == (False, "line 3: invalid literal for int() with base 10: '12x'")
+    async with w.pool.acquire() as conn:
+        run = await rq.run_of(conn, "bank-a", D)
+        assert run is not None
+        assert (run["status"], run["error"]) == ("failed", bad.error)
+        assert await conn.fetchval("SELECT count(*) FROM recon_seen") == 0
+    assert await w.status("U1") == ("unknown", "unknown")  # nothing half-applied
+    assert await w.breaks() == {}
+
+    _write(file, header + "U1,R1,1000000,SUCCESS,\nOK,R2,1000000,SUCCESS,\n")
+    fixed = await reconcile_day(w.svc, "bank-a", D)
+    assert fixed.ok
+    assert fixed.run_id == bad.run_id
+    assert await w.status("U1") == ("succeeded", "succeeded")
+
+
+@pytest.mark.parametrize(
+    ("lines", "error"),
+    [
+        (["A", "A"], "line 2: duplicate line: repeats line 1"),
+        (["A", "B!"], "line 2: status 'paid' is not one of ['failed', 'reversed', 'succeeded']"),
+    ],
+)
+async def test_a_connector_statement_with_a_bad_line_fails_the_run(
+    world: World, lines: list[str], error: str
+) -> None:
+    stamp = at(D, 18)
+    for name in lines:
+        status = "paid" if name.endswith("!") else "succeeded"
+        w_line = StatementLine(name.rstrip("!"), "R", AMOUNT, status, stamp)
+        world.bank.days.setdefault(D, []).append(w_line)
+
+    result = await reconcile_day(world.svc, "bank-a", D)
+
+    assert (result.status, result.error) == ("failed", error)
+
+
+async def test_a_statement_the_bank_cannot_deliver_fails_the_run(world: World) -> None:
+    world.bank.broken[D] = OutcomeUnknown("sandbox statement: read timeout")
+    result = await reconcile_day(world.svc, "bank-a", D)
+    assert (result.status, result.error) == ("failed", "sandbox statement: read timeout")
+
+
+async def test_a_generic_gbk_csv_with_a_summary_row_is_reconciled(
+    world: World, tmp_path: Path
+) -> None:
+    w = with_window(
+        world,
+        0,
+        path=str(tmp_path / "{day}.csv"),
+        format="csv",
+        encoding="gbk",
+        amount_unit="yuan",
+        columns={
+            "order_no": "商户订单号",
+            "bank_ref": "银行流水号",
+            "amount": "金额",
+            "status": "状态",
+            "booked_at": "完成时间",
+        },
+        status_map={"成功": "succeeded", "失败": "failed"},
+        summary={"position": "last", "marker": "合计", "count_field": 1, "total_field": 2},
+    )
+    await w.record("G1", "succeeded")
+    await w.record("G2", "processing")
+    text = (
+        "商户订单号,银行流水号,金额,状态,完成时间\n"
+        "G1,B001,10000.00,成功,2026-03-10 18:00:00\n"
+        "G2,B002,10000.00,失败,2026-03-10 18:05:00\n"
+        "合计,2,20000.00\n"
+    )
+    (tmp_path / f"{D}.csv").write_bytes(text.encode("gbk"))
+
+    result = await reconcile_day(w.svc, "bank-a", D)
+
+    assert result.ok, result.error
+    assert result.summary.matched.count == 1
+    assert await w.status("G2") == ("failed", "failed")
+
+
+# ---------------------------------------------------------------- resolution by a person
+
+
+async def test_bank_is_right_moves_an_open_record_through_the_state_machine(world: World) -> None:
+    w = with_window(world, 0)
+    await w.record("ACC", "accepted")  # never sent, yet the bank paid it: not certain
+    w.bank.add(D, "ACC")
+    result = await reconcile_day(w.svc, "bank-a", D)
+    brk = (await w.breaks(result.run_id))["ACC/status_mismatch_bank_succeeded"]
+    assert brk["status"] == "open"
+
+    row = await resolve_break(w.svc, brk["id"], "bank_is_right", "bank confirmed by phone", "ops")
+
+    assert (row["status"], row["resolution"], row["resolved_by"], row["note"]) == (
+        "resolved",
+        "bank_is_right",
+        "ops",
+        "bank confirmed by phone",
+    )
+    assert row["evidence"]["correction"] == {"applied": True, "from": "accepted",
+                                              "to": "succeeded"}  # fmt: skip
+    assert await w.status("ACC") == ("succeeded", "succeeded")
+    async with w.pool.acquire() as conn:
+        events = [r["event"] for r in await q.vouchers_of(conn, "TACC")]
+    assert any('"resolution":"bank_is_right"' in e and '"by":"ops"' in e for e in events)
+
+
+async def test_a_final_record_is_not_rewritten_and_the_correction_is_recorded(
+    world: World,
+) -> None:
+    w = with_window(world, 0)
+    await w.record("GONE", "succeeded")
+    result = await reconcile_day(w.svc, "bank-a", D)
+    brk = (await w.breaks(result.run_id))["GONE/missing_at_bank"]
+
+    row = await resolve_break(w.svc, brk["id"], "bank_is_right", "bank never paid", "ops")
+
+    assert row["status"] == "resolved"
+    assert row["evidence"]["correction"]["applied"] is False
+    assert await w.status("GONE") == ("succeeded", "succeeded")
+
+
+async def test_the_http_api_lists_runs_and_breaks_and_resolves(
+    pool: asyncpg.Pool, world: World
+) -> None:
+    w = with_window(world, 0)
+    await w.record("H1", "succeeded")
+    w.bank.add(D, "H1", amount=5)
+    w.bank.add(D, "H2")
+    result = await reconcile_day(w.svc, "bank-a", D)
+    app = create_app(w.svc.cfg, pool=pool, connectors=dict(w.banks), role="api")
+    async with TestClient(TestServer(app)) as client:
+        runs = await (await client.get(f"/v1/reconciliation/runs?date={D}", headers=AUTH)).json()
+        assert [r["id"] for r in runs["items"]] == [result.run_id]
+        assert runs["items"][0]["summary"]["breaks"]["missing_at_gateway"]["count"] == 1
+        one = await client.get(f"/v1/reconciliation/runs/{result.run_id}", headers=AUTH)
+        assert (await one.json())["status"] == "succeeded"
+        page = await client.get(
+            f"/v1/reconciliation/runs/{result.run_id}/breaks?type=amount_mismatch", headers=AUTH
+        )
+        items = (await page.json())["items"]
+        assert [b["order_no"] for b in items] == ["H1"]
+        listed = await client.get(
+            f"/v1/reconciliation/breaks?run={result.run_id}&status=open&limit=1", headers=AUTH
+        )
+        body = await listed.json()
+        assert len(body["items"]) == 1
+        assert body["next_cursor"] is not None
+        bad = await client.get("/v1/reconciliation/breaks?type=nonsense", headers=AUTH)
+        assert bad.status == 422
+        assert (await client.get("/v1/reconciliation/runs/999", headers=AUTH)).status == 404
+        assert (await client.get("/v1/reconciliation/runs")).status == 401
+
+        url = f"/v1/reconciliation/breaks/{items[0]['id']}/resolve"
+        resp = await client.post(
+            url, json={"resolution": "gateway_is_right", "note": "bank typo"}, headers=AUTH
+        )
+        assert resp.status == 200, await resp.text()
+        done = await resp.json()
+        assert (done["status"], done["resolved_by"], done["note"]) == (
+            "resolved",
+            "lending-core",
+            "bank typo",
+        )
+        again = await client.post(
+            url, json={"resolution": "gateway_is_right", "note": "x"}, headers=AUTH
+        )
+        assert again.status == 409
+        invalid = await client.post(url, json={"resolution": "maybe", "note": "x"}, headers=AUTH)
+        assert invalid.status == 422
+        doc = await (await client.get("/openapi.json")).json()
+        assert "/v1/reconciliation/breaks/{id}/resolve" in doc["paths"]
+
+
+# ---------------------------------------------------------------- the schedule
+
+
+async def test_the_scheduler_catches_up_missed_days_once(world: World) -> None:
+    w = world
+    for i in range(3):
+        await w.record(f"S{i}", "succeeded", day=D + timedelta(days=i))
+        w.bank.add(D + timedelta(days=i), f"S{i}")
+    # 02:30 on D + 3: D, D + 1 and D + 2 are due; before 02:00 D + 2 would not be
+    w.now[0] = at(D + timedelta(days=3), 1)
+    early = await run_due(w.svc)
+    assert [(r.funder_id, r.day) for r in early] == [
+        ("bank-a", D),
+        ("bank-a", D + timedelta(days=1)),
+    ]
+    w.now[0] = datetime.combine(D + timedelta(days=3), time(2, 30), tzinfo=ZONE)
+    later = await run_due(w.svc)
+    assert [(r.funder_id, r.day, r.ok) for r in later] == [("bank-a", D + timedelta(days=2), True)]
+    assert await run_due(w.svc) == []
+    assert w.bank.fetched == [D, D + timedelta(days=1), D + timedelta(days=2)]
+
+
+async def test_only_the_process_holding_the_lock_runs_the_schedule(world: World) -> None:
+    w = world
+    await w.record("L1", "succeeded")
+    w.bank.add(D, "L1")
+    async with w.pool.acquire() as other:
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", SCHEDULER_LOCK_KEY)
+        assert await run_due(w.svc) == []
+        await other.execute("SELECT pg_advisory_unlock($1)", SCHEDULER_LOCK_KEY)
+    assert [r.day for r in await run_due(w.svc)] == [D]
+
+
+async def test_one_funder_and_day_is_reconciled_by_one_process_at_a_time(world: World) -> None:
+    from gateway.reconcile import RUN_LOCK_CLASS
+
+    async with world.pool.acquire() as other:
+        await other.execute(
+            "SELECT pg_advisory_lock($1::int, hashtext($2))", RUN_LOCK_CLASS, f"bank-a:{D}"
+        )
+        with pytest.raises(RunInProgress):
+            await reconcile_day(world.svc, "bank-a", D)
+        await other.execute(
+            "SELECT pg_advisory_unlock($1::int, hashtext($2))", RUN_LOCK_CLASS, f"bank-a:{D}"
+        )
+
+
+async def test_the_scheduler_loop_runs_at_start_and_stops(world: World) -> None:
+    await world.record("Z", "succeeded")
+    world.bank.add(D, "Z")
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_scheduler(world.svc, stop, poll_seconds=0.05))
+
+    async def ran() -> bool:
+        async with world.pool.acquire() as conn:
+            return await rq.run_of(conn, "bank-a", D) is not None
+
+    for _ in range(200):
+        if await ran():
+            break
+        await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert await ran()
+    text = world.svc.metrics.render()[0].decode()
+    assert 'fundgate_recon_runs_total{funder="bank-a",outcome="succeeded"} 1.0' in text
+    assert 'fundgate_recon_breaks{funder="bank-a",type="missing_at_bank"} 0.0' in text
