@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import codecs
 import re
 from datetime import time
 from decimal import Decimal
@@ -70,6 +73,50 @@ class GatewayConfig(_Model):
         return ZoneInfo(self.timezone)
 
 
+# Development keys for configs without a [security] section (the embedded demo). A real
+# deployment sets its own as `env:NAME` secrets; `fundgate serve` warns while these are in use.
+DEV_DATA_KEY = "X6UauD5FWX782RjMk8IH3I4uDMh82TMOWNBHI9za2NU="
+DEV_INDEX_KEY = "Tk13MSPJnMNBeKXqrQ9xRzYkfIf9q5/sLPgiOsoIYkg="
+
+
+class SecurityConfig(_Model):
+    """Keys for personal data at rest: AES-256-GCM data keys by id, and the blind-index key.
+    Each key is base64 of 32 random bytes."""
+
+    data_keys: dict[str, SecretStr] = Field(
+        default_factory=lambda: {"dev-1": SecretStr(DEV_DATA_KEY)}, min_length=1
+    )
+    active_key: str = "dev-1"
+    blind_index_key: SecretStr = SecretStr(DEV_INDEX_KEY)
+
+    @model_validator(mode="after")
+    def _keys(self) -> SecurityConfig:
+        problems = []
+        if self.active_key not in self.data_keys:
+            problems.append(f"active_key {self.active_key!r} is not among data_keys")
+        named = {f"data_keys.{k}": v for k, v in self.data_keys.items()}
+        for name, secret in {**named, "blind_index_key": self.blind_index_key}.items():
+            try:
+                raw = base64.b64decode(secret.get_secret_value(), validate=True)
+            except (binascii.Error, ValueError):
+                problems.append(f"{name}: not base64")
+                continue
+            if len(raw) != 32:
+                problems.append(f"{name}: must be base64 of 32 bytes, got {len(raw)} bytes")
+        for kid in self.data_keys:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", kid):
+                problems.append(f"data_keys: key id {kid!r} must be 1-32 of [A-Za-z0-9_.-]")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def uses_dev_keys(self) -> bool:
+        return any(k.get_secret_value() == DEV_DATA_KEY for k in self.data_keys.values()) or (
+            self.blind_index_key.get_secret_value() == DEV_INDEX_KEY
+        )
+
+
 class LendingCoreConfig(_Model):
     webhook_url: str
     webhook_secret: SecretStr
@@ -110,6 +157,97 @@ class Product(_Model):
         return self
 
 
+StatementFormat = Literal["sandbox-csv", "csv", "camt053"]
+StatementStatus = Literal["succeeded", "failed", "reversed"]
+
+
+def _sandbox_words() -> dict[str, StatementStatus]:
+    return {"SUCCESS": "succeeded", "FAILED": "failed", "REVERSED": "reversed"}
+
+
+class StatementColumns(_Model):
+    """Column names of a generic CSV statement (matched after stripping blanks)."""
+
+    order_no: str = Field(default="order_no", min_length=1)
+    bank_ref: str | None = "bank_ref"
+    amount: str = Field(default="amount", min_length=1)
+    status: str = Field(default="status", min_length=1)
+    booked_at: str | None = "finished_at"
+
+
+class StatementSummary(_Model):
+    """A summary (or trailer) row holding the statement's line count and total amount.
+
+    `position = "first"`: the first non-blank line, before the column header.
+    `position = "last"`: the last non-blank line. `marker`, when set, is the text of the
+    row's first field (e.g. "合计" or "TOTAL"). Fields are 0-based indexes into the row; the
+    total is written in the statement's `amount_unit`.
+    """
+
+    position: Literal["first", "last"] = "last"
+    marker: str | None = None
+    count_field: int = Field(default=1, ge=0)
+    total_field: int = Field(default=2, ge=0)
+
+
+class StatementConfig(_Model):
+    """`[funders.statement]`: how this funder's daily statement is read.
+
+    Without `path` the funder's connector fetches it (`fetch_statement`); with `path` (a
+    template with `{funder}` and `{day}`, e.g. "/data/statements/{funder}/{day}.csv") the
+    file is read in `format`. `csv` is the generic mapping below.
+    """
+
+    format: StatementFormat = "sandbox-csv"
+    path: str | None = None
+    encoding: str = "utf-8"
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+    columns: StatementColumns = StatementColumns()
+    amount_unit: Literal["fen", "yuan"] = "fen"
+    # banks that print payouts as negative debits: the sign is dropped
+    negative_debits: bool = False
+    status_map: dict[str, StatementStatus] = Field(default_factory=_sandbox_words)
+    # status words of lines that are not a final result (e.g. "PROCESSING"): counted, not used
+    skip_statuses: list[str] = Field(default_factory=list)
+    # strptime pattern of booked_at; ISO 8601 when unset
+    booked_at_format: str | None = None
+    # title lines before the column header (bank name, account, period)
+    preamble_lines: int = Field(default=0, ge=0)
+    summary: StatementSummary | None = None
+    timezone: str = "Asia/Shanghai"  # for timestamps without an offset
+
+    @field_validator("encoding")
+    @classmethod
+    def _line_based_codec(cls, v: str) -> str:
+        try:
+            info = codecs.lookup(v)
+        except LookupError as e:
+            raise ValueError(f"unknown encoding {v!r}") from e
+        # lines are split on b"\n" before decoding: the codec must keep ASCII as is
+        if "\n,".encode(info.name) != b"\n,":
+            raise ValueError(f"encoding {v!r} is not ASCII-compatible")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as e:
+            raise ValueError(f"unknown time zone {v!r}") from e
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                v.format(funder="f", day="2000-01-01")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"path may use only {{funder}} and {{day}}: {e}") from e
+        return v
+
+
 class Funder(_Model):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
     name: str = Field(min_length=1)
@@ -127,6 +265,7 @@ class Funder(_Model):
     max_term: Term | None = None
     connector: str = "sandbox"
     connector_options: dict[str, Any] = Field(default_factory=dict)
+    statement: StatementConfig = StatementConfig()
 
     @model_validator(mode="after")
     def _mode(self) -> Funder:
@@ -163,6 +302,8 @@ class DispatchConfig(_Model):
 class ReconciliationConfig(_Model):
     run_at: time = time(2, 0)
     window_days: int = Field(default=3, ge=0)
+    # days missed while no gateway ran are caught up at start, at most this far back
+    catch_up_days: int = Field(default=7, ge=1, le=366)
 
 
 class FileConfig(_Model):
@@ -172,6 +313,7 @@ class FileConfig(_Model):
     products: list[Product] = Field(min_length=1)
     funders: list[Funder] = Field(min_length=1)
     dispatch: DispatchConfig = DispatchConfig()
+    security: SecurityConfig = SecurityConfig()
     reconciliation: ReconciliationConfig = ReconciliationConfig()
 
     def product(self, code: str) -> Product | None:

@@ -13,12 +13,12 @@ import structlog
 from aiohttp import web
 
 from connectors.errors import CallbackRejected
-from gateway import outcomes, states
+from gateway import outcomes, pii, states
 from gateway.context import Services
 from gateway.disbursements import iso, render, submit
 from gateway.errors import NotFound, Unauthorized, Unprocessable
 from gateway.http import CLIENT_KEY, json_response, read_model, scoped
-from gateway.masking import mask_account, mask_name
+from gateway.masking import mask_account
 from gateway.openapi import Param, Route, add_routes, document
 from gateway.schemas import (
     TXN_NO_PATTERN,
@@ -169,8 +169,8 @@ def voucher_out(r: Any) -> dict[str, Any]:
 def _account_out(r: Any) -> dict[str, Any]:
     return {
         "borrower_id": r["borrower_id"],
-        "account_no": mask_account(r["account_no"]),
-        "account_name": mask_name(r["account_name"]),
+        "account_no": r["account_masked"],
+        "account_name": r["name_masked"],
         "bank_code": r["bank_code"],
         "created_at": iso(r["created_at"]),
     }
@@ -189,8 +189,11 @@ async def put_account(request: web.Request) -> web.Response:
     borrower_id = _borrower(request)
     body = await read_model(request, AccountIn)
     async with svc.db() as conn, conn.transaction():
-        created = await q.upsert_account(
-            conn, borrower_id, body.account_no, body.account_name, body.bank_code
+        row = await q.upsert_account(
+            conn,
+            borrower_id,
+            pii.account_columns(svc.vault, body.account_no, body.account_name),
+            body.bank_code,
         )
         await q.voucher(
             conn,
@@ -202,9 +205,8 @@ async def put_account(request: web.Request) -> web.Response:
             },
             None,
         )
-        row = await q.get_account(conn, borrower_id, body.account_no)
     log.info("whitelist.registered", borrower_id=borrower_id, account_no=body.account_no)
-    return json_response(_account_out(row), 201 if created else 200)
+    return json_response(_account_out(row), 201 if row["inserted"] else 200)
 
 
 @scoped("disburse")
@@ -213,7 +215,7 @@ async def delete_account(request: web.Request) -> web.Response:
     borrower_id = _borrower(request)
     account_no = request.match_info["account_no"]
     async with svc.db() as conn, conn.transaction():
-        if await q.delete_account(conn, borrower_id, account_no):
+        if await q.delete_account(conn, borrower_id, pii.account_index(svc.vault, account_no)):
             await q.voucher(
                 conn,
                 "whitelist.removed",
@@ -421,7 +423,8 @@ OPS_ROUTES: list[Route] = [
 
 def install_routes(app: web.Application, *, api: bool) -> None:
     from gateway.ledger_api import LEDGER_ROUTES
+    from gateway.recon_api import RECON_ROUTES  # reconciliation's routes (gateway/recon_api.py)
 
-    every = API_ROUTES + LEDGER_ROUTES
+    every = API_ROUTES + LEDGER_ROUTES + RECON_ROUTES
     add_routes(app, OPS_ROUTES + (every if api else []))
     app[OPENAPI] = document(OPS_ROUTES + every, version=__version__)

@@ -20,13 +20,15 @@ from aiohttp import web
 from config.models import FileConfig
 from connectors import registry
 from connectors.base import BankConnector
-from gateway import ledger
+from gateway import ledger, pii
 from gateway.api import SERVICES, install_routes
 from gateway.context import Services, business_day
+from gateway.crypto import Vault
 from gateway.dispatcher import Dispatcher, Poller
 from gateway.http import Authenticator, make_middlewares
 from gateway.metrics import Metrics
 from gateway.notifier import Notifier
+from gateway.reconcile import run_scheduler
 from gateway.store import db
 from gateway.store import queries as q
 from gateway.vouchers import run_sealer
@@ -69,6 +71,7 @@ def create_app(
                 applied = await db.migrate(conn)
                 if applied:
                     log.info("db.migrated", versions=[a.version for a in applied])
+                await pii.encrypt_legacy(conn, Vault(cfg.security))
                 opening = {f.id: f.prefund_balance for f in cfg.funders if f.mode == "co_lending"}
                 async with conn.transaction():
                     for funder_id in await q.seed_prefund(conn, opening):
@@ -178,6 +181,7 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(_listen(svc, dispatcher, stop), name="listen"),
         asyncio.create_task(_housekeeping(svc, stop), name="housekeeping"),
         asyncio.create_task(run_sealer(svc.pool, stop), name="sealer"),
+        asyncio.create_task(run_scheduler(svc, stop), name="reconciliation"),
     ]
     app[WORKERS] = [dispatcher, poller, notifier]
     log.info("workers.started")

@@ -76,6 +76,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
     cfg = _load(settings)
+    if cfg.security.uses_dev_keys:
+        log.warning(
+            "security.dev_keys",
+            message="personal data is encrypted with the built-in development keys; "
+            "set [security] data_keys and blind_index_key as env: secrets",
+        )
     if not _is_loopback(args.host) and any(
         c.token_sha256 == DEMO_TOKEN_SHA256 for c in cfg.clients
     ):
@@ -211,6 +217,45 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from gateway import pii
+    from gateway.crypto import Vault
+    from gateway.store import db
+
+    settings = Settings()
+    configure_logging(settings.log_format, "warning")
+    cfg = _load(settings)
+    vault = Vault(cfg.security)
+
+    async def main() -> int:
+        async with db.database_url(settings) as url:
+            conn = await asyncpg.connect(url)
+            try:
+                await pii.encrypt_legacy(conn, vault)
+                total = await conn.fetchval(
+                    "SELECT (SELECT count(*) FROM borrower_accounts)"
+                    " + (SELECT count(*) FROM disbursements)"
+                )
+                with Progress(
+                    TextColumn(f"re-encrypting under {vault.active}"), BarColumn(),
+                    MofNCompleteColumn(), console=Console(stderr=True), transient=True,
+                ) as progress:  # fmt: skip
+                    task = progress.add_task("rotate", total=total)
+                    changed = await pii.rotate(
+                        conn, vault, batch=args.batch,
+                        progress=lambda n: progress.advance(task, n),
+                    )  # fmt: skip
+            finally:
+                await conn.close()
+        print(f"re-encrypted {changed} rows under key {vault.active}")  # noqa: T201
+        return 0
+
+    return asyncio.run(main())
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -247,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     av = asub.add_parser("verify", help="recompute the voucher chain; exit 1 when broken")
     av.set_defaults(func=cmd_audit_verify)
 
+    k = sub.add_parser("keys", help="encryption key tools")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kr = ksub.add_parser("rotate", help="re-encrypt personal data under the active key")
+    kr.add_argument("--batch", type=int, default=1000)
+    kr.set_defaults(func=cmd_keys_rotate)
+
     lg = sub.add_parser("ledger", help="ledger tools")
     lsub = lg.add_subparsers(dest="ledger_command", required=True)
     lv = lsub.add_parser("verify", help="every transaction balances and matches the records")
@@ -257,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     cc = csub.add_parser("check", help="validate a config file")
     cc.add_argument("path", nargs="?")
     cc.set_defaults(func=cmd_config_check)
+
+    from gateway import recon_cli
+
+    recon_cli.add_parsers(sub)  # reconcile, statement parse
     return p
 
 

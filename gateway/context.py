@@ -15,6 +15,7 @@ from asyncpg.pool import PoolConnectionProxy
 from config.models import FileConfig, Funder
 from connectors.base import BankConnector
 from gateway.circuit import Breaker
+from gateway.crypto import Vault
 from gateway.errors import Unavailable
 from gateway.metrics import Metrics
 from gateway.store import queries as q
@@ -41,10 +42,12 @@ class Services:
     clock: Callable[[], datetime] = utcnow
     funders: dict[str, Funder] = field(init=False)
     breakers: dict[str, Breaker] = field(init=False)
+    vault: Vault = field(init=False)
     _circuits: tuple[float, dict[str, str]] = field(init=False, default=(-1.0, {}))
 
     def __post_init__(self) -> None:
         self.funders = {f.id: f for f in self.cfg.funders}
+        self.vault = Vault(self.cfg.security)
         d = self.cfg.dispatch
         self.breakers = {
             f.id: Breaker(f.id, d.circuit_failure_threshold, d.circuit_cooldown_seconds)

@@ -310,6 +310,10 @@ async def _main(args: argparse.Namespace, cfg: FileConfig, url: str, console: Co
                 + [f"{f.connector_options['base_url']}/_sandbox/health" for f in cfg.funders],
             )
         code = await _drive(cfg, args.count, console, receiver)
+        from gateway.api import SERVICES
+        from gateway.recon_cli import demo_reconcile
+
+        code = max(code, await demo_reconcile(app[SERVICES], console))  # today, both banks
         code = max(code, await _verify_vouchers(url, console))
         if args.keep_running:
             console.print(f"gateway at {cfg.gateway.public_url}, token {TOKEN!r}; Ctrl-C stops")

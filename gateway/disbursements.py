@@ -10,10 +10,9 @@ import asyncpg
 import structlog
 
 from config.models import Funder
-from gateway import ledger
+from gateway import ledger, pii
 from gateway.context import Services
 from gateway.errors import Conflict, Unprocessable
-from gateway.masking import mask_account, mask_name
 from gateway.schemas import DisbursementRequest
 from gateway.store import queries as q
 from routing import FunderState, LoanTerms, Refusal, allocate, candidates, check_loan
@@ -42,8 +41,8 @@ def render(d: asyncpg.Record, attempts: list[asyncpg.Record]) -> dict[str, Any]:
         "amount": d["amount"],
         "currency": d["currency"],
         "payee": {
-            "account_no": mask_account(d["payee_account_no"]),
-            "account_name": mask_name(d["payee_account_name"]),
+            "account_no": d["payee_account_masked"],
+            "account_name": d["payee_name_masked"],
             "bank_code": d["payee_bank_code"],
         },
         "attempts": [
@@ -125,7 +124,7 @@ async def _replay(conn: q.Conn, req: DisbursementRequest, digest: bytes) -> Outc
 
 
 async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcome:
-    digest = req.canonical_hash()
+    digest = svc.vault.keyed_digest(req.canonical_bytes())
     async with svc.db() as conn:
         replay = await _replay(conn, req, digest)
         if replay is not None:
@@ -142,11 +141,13 @@ async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcom
         if violation is not None:
             raise Unprocessable(violation.code, violation.message)
 
-        account = await q.get_account(conn, req.borrower_id, req.payee.account_no)
+        account = await q.get_account(
+            conn, req.borrower_id, pii.account_index(svc.vault, req.payee.account_no)
+        )
         if (
             account is None
-            or account["account_name"] != req.payee.account_name
             or account["bank_code"] != req.payee.bank_code
+            or pii.account_name(svc.vault, account) != req.payee.account_name
         ):
             raise Unprocessable(
                 "payee_not_whitelisted",
@@ -187,8 +188,7 @@ async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcom
                     "apr": req.apr_decimal,
                     "product": req.product,
                     "repayment": req.repayment,
-                    "payee_account_no": req.payee.account_no,
-                    "payee_account_name": req.payee.account_name,
+                    **pii.payee_columns(svc.vault, req.payee.account_no, req.payee.account_name),
                     "payee_bank_code": req.payee.bank_code,
                     "metadata": req.metadata,
                     "status": "accepted",

@@ -18,7 +18,7 @@ import structlog
 
 from connectors.base import BankStatus, PayoutOrder, PayoutResult
 from connectors.errors import NotSent, OutcomeUnknown, Rejected
-from gateway import states
+from gateway import pii, states
 from gateway.context import Services
 from gateway.metrics import ConnectorOutcome
 from gateway.outcomes import apply_bank_status, fail_over, move, query_delay
@@ -32,6 +32,25 @@ Result = PayoutResult | Rejected | NotSent | OutcomeUnknown
 def _error(e: Exception) -> dict[str, Any]:
     code = getattr(e, "code", None) or type(e).__name__
     return {"code": str(code), "message": str(getattr(e, "message", e))[:300]}
+
+
+def payout_order(svc: Services, a: asyncpg.Record) -> PayoutOrder:
+    """The instruction for one attempt (from `queries.load_attempt`), payee decrypted."""
+    account_no, account_name = pii.payee(svc.vault, a)
+    return PayoutOrder(
+        order_no=a["order_no"],
+        txn_no=a["txn_no"],
+        funder_id=a["funder_id"],
+        amount=a["amount"],
+        currency=a["currency"],
+        account_no=account_no,
+        account_name=account_name,
+        bank_code=a["payee_bank_code"],
+        mode=a["mode"],
+        funder_amount=a["alloc_funder"],
+        platform_amount=a["alloc_platform"],
+        callback_url=svc.callback_url(a["funder_id"]),
+    )
 
 
 def outcome_of(result: Result | None) -> ConnectorOutcome:
@@ -153,20 +172,7 @@ class Dispatcher(_Loop):
             async with svc.pool.acquire() as conn:
                 await q.defer_outbox(conn, row["id"], breaker.retry_in())
             return
-        order = PayoutOrder(
-            order_no=a["order_no"],
-            txn_no=a["txn_no"],
-            funder_id=a["funder_id"],
-            amount=a["amount"],
-            currency=a["currency"],
-            account_no=a["payee_account_no"],
-            account_name=a["payee_account_name"],
-            bank_code=a["payee_bank_code"],
-            mode=a["mode"],
-            funder_amount=a["alloc_funder"],
-            platform_amount=a["alloc_platform"],
-            callback_url=svc.callback_url(a["funder_id"]),
-        )
+        order = payout_order(svc, a)
         async with self.limits[a["funder_id"]]:
             result = await self._call(connector.name, order)
         breaker.record(outcome_of(result))

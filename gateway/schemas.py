@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
@@ -67,12 +66,13 @@ class DisbursementRequest(_In):
         except InvalidOperation:  # pragma: no cover - the pattern already guarantees it
             return Decimal("Infinity")
 
-    def canonical_hash(self) -> bytes:
-        """sha256 of the canonical request: sorted keys, no whitespace, apr normalised."""
+    def canonical_bytes(self) -> bytes:
+        """The canonical request: sorted keys, no whitespace, apr normalised. Idempotency
+        compares a keyed digest of it (it holds the payee's account number)."""
         data = self.model_dump(mode="json")
         data["apr"] = format(self.apr_decimal.normalize(), "f")
         text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(text.encode()).digest()
+        return text.encode()
 
 
 class AccountIn(_In):

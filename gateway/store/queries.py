@@ -25,47 +25,53 @@ PLATFORM_SCOPE = "platform"
 
 
 async def upsert_account(
-    conn: Conn, borrower_id: str, account_no: str, account_name: str, bank_code: str
-) -> bool:
-    """True when the account is new for that borrower."""
+    conn: Conn, borrower_id: str, columns: dict[str, Any], bank_code: str
+) -> asyncpg.Record:
+    """Register (or refresh) a payee account; `inserted` tells whether it is new."""
     row = await conn.fetchrow(
         """
-        INSERT INTO borrower_accounts (borrower_id, account_no, account_name, bank_code)
-        VALUES ($1, $2, $3, $4)
-        ON CONFLICT (borrower_id, account_no) DO UPDATE
-           SET account_name = EXCLUDED.account_name, bank_code = EXCLUDED.bank_code
-        RETURNING (xmax = 0) AS inserted
+        INSERT INTO borrower_accounts (borrower_id, account_bidx, account_no_enc,
+                                       account_name_enc, account_masked, name_masked, bank_code)
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
+        ON CONFLICT (borrower_id, account_bidx) DO UPDATE
+           SET account_no_enc = EXCLUDED.account_no_enc,
+               account_name_enc = EXCLUDED.account_name_enc,
+               account_masked = EXCLUDED.account_masked, name_masked = EXCLUDED.name_masked,
+               bank_code = EXCLUDED.bank_code
+        RETURNING *, (xmax = 0) AS inserted
         """,
         borrower_id,
-        account_no,
-        account_name,
+        columns["account_bidx"],
+        columns["account_no_enc"],
+        columns["account_name_enc"],
+        columns["account_masked"],
+        columns["name_masked"],
         bank_code,
     )
     assert row is not None
-    return bool(row["inserted"])
+    return row
 
 
-async def delete_account(conn: Conn, borrower_id: str, account_no: str) -> bool:
+async def delete_account(conn: Conn, borrower_id: str, account_bidx: bytes) -> bool:
     status = await conn.execute(
-        "DELETE FROM borrower_accounts WHERE borrower_id = $1 AND account_no = $2",
+        "DELETE FROM borrower_accounts WHERE borrower_id = $1 AND account_bidx = $2",
         borrower_id,
-        account_no,
+        account_bidx,
     )
     return status != "DELETE 0"
 
 
 async def list_accounts(conn: Conn, borrower_id: str) -> list[asyncpg.Record]:
     return await conn.fetch(
-        "SELECT * FROM borrower_accounts WHERE borrower_id = $1 ORDER BY created_at, account_no",
-        borrower_id,
+        "SELECT * FROM borrower_accounts WHERE borrower_id = $1 ORDER BY id", borrower_id
     )
 
 
-async def get_account(conn: Conn, borrower_id: str, account_no: str) -> asyncpg.Record | None:
+async def get_account(conn: Conn, borrower_id: str, account_bidx: bytes) -> asyncpg.Record | None:
     return await conn.fetchrow(
-        "SELECT * FROM borrower_accounts WHERE borrower_id = $1 AND account_no = $2",
+        "SELECT * FROM borrower_accounts WHERE borrower_id = $1 AND account_bidx = $2",
         borrower_id,
-        account_no,
+        account_bidx,
     )
 
 
@@ -231,7 +237,7 @@ async def lock_attempt(conn: Conn, attempt_id: int) -> asyncpg.Record | None:
     return await conn.fetchrow(
         """
         SELECT a.*, d.txn_no, d.amount, d.currency, d.business_day, d.status AS d_status,
-               d.payee_account_no, d.payee_account_name, d.payee_bank_code,
+               d.payee_account_no_enc, d.payee_account_name_enc, d.payee_bank_code,
                d.amount AS d_amount
           FROM attempts a JOIN disbursements d ON d.id = a.disbursement_id
          WHERE a.id = $1
@@ -251,7 +257,7 @@ async def load_attempt(conn: Conn, attempt_id: int) -> asyncpg.Record | None:
     return await conn.fetchrow(
         """
         SELECT a.*, d.txn_no, d.amount, d.currency, d.business_day, d.status AS d_status,
-               d.payee_account_no, d.payee_account_name, d.payee_bank_code
+               d.payee_account_no_enc, d.payee_account_name_enc, d.payee_bank_code
           FROM attempts a JOIN disbursements d ON d.id = a.disbursement_id
          WHERE a.id = $1
         """,

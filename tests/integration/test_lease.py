@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from connectors.base import PayoutOrder
+from gateway.dispatcher import payout_order
 from gateway.store import queries as q
 from tests.integration.conftest import Harness, StartGateway
 
@@ -33,20 +34,7 @@ async def _order_as_the_dispatcher_builds_it(api: Harness, attempt_id: int) -> P
     async with api.pool.acquire() as conn:
         a = await q.load_attempt(conn, attempt_id)
     assert a is not None
-    return PayoutOrder(
-        order_no=a["order_no"],
-        txn_no=a["txn_no"],
-        funder_id=a["funder_id"],
-        amount=a["amount"],
-        currency=a["currency"],
-        account_no=a["payee_account_no"],
-        account_name=a["payee_account_name"],
-        bank_code=a["payee_bank_code"],
-        mode=a["mode"],
-        funder_amount=a["alloc_funder"],
-        platform_amount=a["alloc_platform"],
-        callback_url=api.svc.callback_url(a["funder_id"]),
-    )
+    return payout_order(api.svc, a)
 
 
 @pytest.mark.asyncio
