@@ -1,0 +1,1 @@
+"""Runnable programs that load and break a real fundgate stack (`python -m bench.chaos`)."""
