@@ -77,6 +77,9 @@ class GatewayConfig(_Model):
 # deployment sets its own as `env:NAME` secrets; `fundgate serve` warns while these are in use.
 DEV_DATA_KEY = "X6UauD5FWX782RjMk8IH3I4uDMh82TMOWNBHI9za2NU="
 DEV_INDEX_KEY = "Tk13MSPJnMNBeKXqrQ9xRzYkfIf9q5/sLPgiOsoIYkg="
+# Ed25519 key pair (raw 32-byte seed / public key, base64) signing the daily voucher checkpoint
+DEV_CHECKPOINT_SEED = "qCL72YY/xsPeCDXrM4NqeAa7ek6YI5Qre/g6SZW3WmU="
+DEV_CHECKPOINT_PUBLIC = "Pjd1gXVUrZjZbTgvhNmcrJ6H5iwmzkpV46fTmdyTikc="
 
 
 class SecurityConfig(_Model):
@@ -88,6 +91,8 @@ class SecurityConfig(_Model):
     )
     active_key: str = "dev-1"
     blind_index_key: SecretStr = SecretStr(DEV_INDEX_KEY)
+    checkpoint_signing_key: SecretStr = SecretStr(DEV_CHECKPOINT_SEED)
+    checkpoint_public_key: str = DEV_CHECKPOINT_PUBLIC
 
     @model_validator(mode="after")
     def _keys(self) -> SecurityConfig:
@@ -95,7 +100,13 @@ class SecurityConfig(_Model):
         if self.active_key not in self.data_keys:
             problems.append(f"active_key {self.active_key!r} is not among data_keys")
         named = {f"data_keys.{k}": v for k, v in self.data_keys.items()}
-        for name, secret in {**named, "blind_index_key": self.blind_index_key}.items():
+        keys = {
+            **named,
+            "blind_index_key": self.blind_index_key,
+            "checkpoint_signing_key": self.checkpoint_signing_key,
+            "checkpoint_public_key": SecretStr(self.checkpoint_public_key),
+        }
+        for name, secret in keys.items():
             try:
                 raw = base64.b64decode(secret.get_secret_value(), validate=True)
             except (binascii.Error, ValueError):

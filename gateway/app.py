@@ -180,7 +180,9 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(notifier.run(stop), name="notifier"),
         asyncio.create_task(_listen(svc, dispatcher, stop), name="listen"),
         asyncio.create_task(_housekeeping(svc, stop), name="housekeeping"),
-        asyncio.create_task(run_sealer(svc.pool, stop), name="sealer"),
+        asyncio.create_task(
+            run_sealer(svc.pool, stop, svc.cfg.security, svc.business_day), name="sealer"
+        ),
         asyncio.create_task(run_scheduler(svc, stop), name="reconciliation"),
     ]
     app[WORKERS] = [dispatcher, poller, notifier]

@@ -164,6 +164,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     settings = Settings()
     configure_logging(settings.log_format, "warning")
     console = Console(stderr=True)
+    key: str | None = None
+    if args.checkpoints:
+        key = args.public_key or _load(settings).security.checkpoint_public_key
 
     async def main() -> int:
         async with db.database_url(settings) as url:
@@ -178,13 +181,18 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
                         console=console, transient=True,
                     ) as progress:  # fmt: skip
                         task = progress.add_task("verify", total=total)
-                        result = await verify(conn, progress=lambda n: progress.advance(task, n))
+                        result = await verify(
+                            conn,
+                            progress=lambda n: progress.advance(task, n),
+                            checkpoint_key=key,
+                        )
             finally:
                 await pool.close()
         if result.ok:
             print(  # noqa: T201
                 f"voucher chain intact: {result.checked} sealed vouchers verified, "
                 f"{result.unsealed} not yet sealed"
+                + (f", {result.checkpoints} signed checkpoints hold" if key else "")
             )
             return 0
         print(f"voucher chain broken at seq {result.first_broken}: {result.problem}")  # noqa: T201
@@ -290,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", help="voucher chain tools")
     asub = a.add_subparsers(dest="audit_command", required=True)
     av = asub.add_parser("verify", help="recompute the voucher chain; exit 1 when broken")
+    av.add_argument(
+        "--checkpoints", action="store_true", help="also check the signed daily chain heads"
+    )
+    av.add_argument("--public-key", help="base64 Ed25519 public key (default: from the config)")
     av.set_defaults(func=cmd_audit_verify)
 
     k = sub.add_parser("keys", help="encryption key tools")

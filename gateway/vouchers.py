@@ -13,17 +13,26 @@ breaks the recomputation at that `seq`; `verify` streams the chain in bounded me
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import asyncpg
 import structlog
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from config.models import SecurityConfig
 from gateway.store import queries as q
 
 log = structlog.get_logger("fundgate.vouchers")
@@ -88,12 +97,56 @@ async def seal_once(conn: q.Conn, batch: int = SEAL_BATCH) -> int:
         return len(rows)
 
 
-async def run_sealer(pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+def checkpoint_message(day: date, seq: int, head: str) -> bytes:
+    return json.dumps(
+        {"day": day.isoformat(), "hash": head, "seq": seq}, sort_keys=True, separators=(",", ":")
+    ).encode()
+
+
+async def checkpoint(conn: q.Conn, security: SecurityConfig, day: date) -> bool:
+    """Sign today's chain head once; False when today is signed already or nothing is sealed."""
+    if await conn.fetchval("SELECT 1 FROM voucher_checkpoints WHERE day = $1", day):
+        return False
+    head = await conn.fetchrow(
+        "SELECT seq, hash FROM voucher_events WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1"
+    )
+    if head is None:
+        return False
+    seed = base64.b64decode(security.checkpoint_signing_key.get_secret_value())
+    key = Ed25519PrivateKey.from_private_bytes(seed)
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    signature = key.sign(checkpoint_message(day, head["seq"], head["hash"]))
+    inserted = await conn.fetchval(
+        "INSERT INTO voucher_checkpoints (day, seq, hash, public_key, signature)"
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (day) DO NOTHING RETURNING 1",
+        day,
+        head["seq"],
+        head["hash"],
+        base64.b64encode(public).decode(),
+        base64.b64encode(signature).decode(),
+    )
+    if inserted:
+        log.info("vouchers.checkpoint", day=day.isoformat(), seq=head["seq"])
+    return bool(inserted)
+
+
+async def run_sealer(
+    pool: asyncpg.Pool,
+    stop: asyncio.Event,
+    security: SecurityConfig | None = None,
+    today: Callable[[], date] | None = None,
+) -> None:
+    signed_day: date | None = None
     while not stop.is_set():
         sealed = 0
         try:
             async with pool.acquire() as conn:
                 sealed = await seal_once(conn)
+                if security is not None and today is not None and signed_day != today():
+                    day = today()
+                    await checkpoint(conn, security, day)
+                    if await conn.fetchval("SELECT 1 FROM voucher_checkpoints WHERE day = $1", day):
+                        signed_day = day
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             log.warning("vouchers.seal_failed", error=str(e))
         if sealed < SEAL_BATCH:
@@ -105,6 +158,7 @@ async def run_sealer(pool: asyncpg.Pool, stop: asyncio.Event) -> None:
 class Verification:
     checked: int = 0
     unsealed: int = 0
+    checkpoints: int = 0
     first_broken: int | None = None
     problem: str | None = None
 
@@ -129,9 +183,50 @@ async def _stream(conn: q.Conn, page: int) -> AsyncIterator[asyncpg.Record]:
         last = rows[-1]["seq"]
 
 
-async def verify(conn: q.Conn, *, page: int = 10000, progress: Any = None) -> Verification:
-    """Recompute the whole chain, a page at a time (memory does not grow with its length)."""
+async def _signed_heads(
+    conn: q.Conn, public_key: str, out: Verification
+) -> dict[int, tuple[str, str]] | None:
+    """seq → (day, hash) of every checkpoint whose signature holds; None after a bad one."""
+    try:
+        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_key, validate=True))
+    except (ValueError, binascii.Error) as e:
+        out.first_broken, out.problem = 0, f"the public key is not a base64 Ed25519 key: {e}"
+        return None
+    heads: dict[int, tuple[str, str]] = {}
+    for c in await conn.fetch("SELECT * FROM voucher_checkpoints ORDER BY day"):
+        day = c["day"].isoformat()
+        try:
+            key.verify(
+                base64.b64decode(c["signature"]), checkpoint_message(c["day"], c["seq"], c["hash"])
+            )
+        except (InvalidSignature, ValueError, binascii.Error):
+            out.first_broken = c["seq"]
+            out.problem = (
+                f"checkpoint of {day} (seq {c['seq']}): the signature does not verify with "
+                "this public key"
+            )
+            return None
+        heads[c["seq"]] = (day, c["hash"])
+        out.checkpoints += 1
+    return heads
+
+
+async def verify(
+    conn: q.Conn,
+    *,
+    page: int = 10000,
+    progress: Any = None,
+    checkpoint_key: str | None = None,
+) -> Verification:
+    """Recompute the whole chain, a page at a time (memory does not grow with its length);
+    with `checkpoint_key` (base64 Ed25519 public key) also check every signed daily head."""
     out = Verification()
+    heads: dict[int, tuple[str, str]] = {}
+    if checkpoint_key is not None:
+        signed = await _signed_heads(conn, checkpoint_key, out)
+        if signed is None:
+            return out
+        heads = signed
     expected_seq, prev = 1, GENESIS
     async for r in _stream(conn, page):
         if r["seq"] != expected_seq:
@@ -146,10 +241,25 @@ async def verify(conn: q.Conn, *, page: int = 10000, progress: Any = None) -> Ve
             out.first_broken = r["seq"]
             out.problem = f"voucher {r['seq']} was changed after sealing (hash mismatch)"
             return out
+        if r["seq"] in heads and heads[r["seq"]][1] != r["hash"]:
+            out.first_broken = r["seq"]
+            out.problem = (
+                f"voucher {r['seq']} differs from the head signed on {heads[r['seq']][0]}: "
+                "the chain was rewritten"
+            )
+            return out
         prev = r["hash"]
         expected_seq += 1
         out.checked += 1
         if progress is not None:
             progress(1)
+    beyond = [s for s in heads if s >= expected_seq]
+    if beyond:
+        out.first_broken = expected_seq
+        out.problem = (
+            f"the chain ends at {expected_seq - 1} but a checkpoint of {heads[min(beyond)][0]} "
+            f"signed voucher {min(beyond)}: vouchers were removed"
+        )
+        return out
     out.unsealed = await conn.fetchval("SELECT count(*) FROM voucher_events WHERE seq IS NULL")
     return out
