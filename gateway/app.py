@@ -8,7 +8,6 @@ leaves them to their lease), then closes the pool.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Literal
 
@@ -20,7 +19,7 @@ from aiohttp import web
 from config.models import FileConfig
 from connectors import registry
 from connectors.base import BankConnector
-from gateway import ledger, pii
+from gateway import housekeeping, ledger, pii
 from gateway.api import SERVICES, install_routes
 from gateway.context import Services, business_day
 from gateway.crypto import Vault
@@ -39,7 +38,6 @@ Role = Literal["all", "api", "worker"]
 WORKERS = web.AppKey("workers", list)
 # how long a stopping process lets bank calls in flight finish before leaving them to the lease
 DRAIN_SECONDS = 10.0
-HOUSEKEEPING_SECONDS = 5.0
 
 
 def create_app(
@@ -91,6 +89,7 @@ def create_app(
                 await p.close()
 
     app.cleanup_ctx.append(resources)
+    app.cleanup_ctx.append(_housekeeping)
     if role in ("all", "worker"):
         app.cleanup_ctx.append(_workers)
     install_routes(app, api=role in ("all", "api"))
@@ -112,62 +111,16 @@ async def _listen(svc: Services, dispatcher: Dispatcher, stop: asyncio.Event) ->
             await asyncio.sleep(1)
 
 
-async def _housekeeping(svc: Services, stop: asyncio.Event) -> None:
-    """Refresh the gauges read from the database (every process exports the same values)."""
-    while not stop.is_set():
-        try:
-            async with svc.pool.acquire() as conn:
-                await q.forget_nonces(conn, 900)
-                stats = await q.outbox_stats(conn)
-                day = svc.business_day()
-                usage = await q.usage(conn, day)
-                prefund = await q.prefund_balances(conn)
-                unknown = await q.in_flight_counts(conn)
-                circuits = await q.circuits(conn)
-                # the unknown and escalated attempts, per funder: few rows, by status
-                stuck = {
-                    r["funder_id"]: r
-                    for r in await conn.fetch(
-                        "SELECT funder_id,"
-                        " count(*) FILTER (WHERE escalated_at IS NOT NULL) AS escalated,"
-                        " greatest(coalesce(extract(epoch FROM now() - min(unknown_since)), 0),"
-                        " 0)::float8 AS oldest"
-                        " FROM attempts WHERE status = 'unknown' GROUP BY funder_id"
-                    )
-                }
-                # max(seq) reads the unique index; the unsealed rows have a partial index
-                chain = await conn.fetchrow(
-                    "SELECT (SELECT coalesce(max(seq), 0) FROM voucher_events) AS sealed,"
-                    " count(*) AS unsealed,"
-                    " greatest(coalesce(extract(epoch FROM now() - min(at)), 0), 0)::float8"
-                    " AS oldest FROM voucher_events WHERE seq IS NULL"
-                )
-            m = svc.metrics
-            for kind in ("dispatch", "webhook"):
-                depth, age = stats.get(kind, (0, 0.0))
-                m.set_outbox(kind, depth, age)
-            for f in svc.cfg.funders:
-                m.set_limit(f.id, usage.get(q.funder_scope(f.id), 0), f.daily_limit)
-                m.set_attempts_unknown(f.id, unknown.get(f.id, {}).get("unknown", 0))
-                row = stuck.get(f.id)
-                m.set_attempts_unknown_oldest_age(f.id, row["oldest"] if row else 0.0)
-                m.set_attempts_escalated_unresolved(f.id, row["escalated"] if row else 0)
-                match circuits.get(f.id, "closed"):  # no row yet: never opened
-                    case "closed" | "half_open" | "open" as state:
-                        m.set_circuit_state(f.id, state)
-                    case other:
-                        log.warning("housekeeping.circuit_state", funder_id=f.id, state=other)
-                if f.mode == "co_lending":
-                    m.set_prefund_balance(f.id, prefund.get(f.id, 0))
-            m.set_limit(
-                "platform", usage.get(q.PLATFORM_SCOPE, 0), svc.cfg.gateway.platform_daily_limit
-            )
-            if chain is not None:
-                m.set_voucher_chain(chain["sealed"], chain["unsealed"], chain["oldest"])
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-            log.warning("housekeeping.failed", error=str(e))
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), HOUSEKEEPING_SECONDS)
+async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
+    """Every role refreshes the database gauges, so an api-only process exports them too."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(housekeeping.run(app[SERVICES], stop), name="housekeeping")
+    try:
+        yield
+    finally:
+        stop.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def _workers(app: web.Application) -> AsyncIterator[None]:
@@ -179,7 +132,6 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(poller.run(stop), name="poller"),
         asyncio.create_task(notifier.run(stop), name="notifier"),
         asyncio.create_task(_listen(svc, dispatcher, stop), name="listen"),
-        asyncio.create_task(_housekeeping(svc, stop), name="housekeeping"),
         asyncio.create_task(
             run_sealer(svc.pool, stop, svc.cfg.security, svc.business_day), name="sealer"
         ),

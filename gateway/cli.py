@@ -159,6 +159,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from gateway.store import db
+    from gateway.store import queries as q
     from gateway.vouchers import verify
 
     settings = Settings()
@@ -186,6 +187,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
                             progress=lambda n: progress.advance(task, n),
                             checkpoint_key=key,
                         )
+                    await q.record_verification(
+                        conn, result.ok, result.checked, result.first_broken, result.problem
+                    )
             finally:
                 await pool.close()
         if result.ok:

@@ -146,12 +146,35 @@ async def run_sealer(
                     day = today()
                     await checkpoint(conn, security, day)
                     if await conn.fetchval("SELECT 1 FROM voucher_checkpoints WHERE day = $1", day):
+                        if signed_day is not None or not await _verified_today(conn):
+                            await verify_and_record(conn, security.checkpoint_public_key)
                         signed_day = day
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             log.warning("vouchers.seal_failed", error=str(e))
         if sealed < SEAL_BATCH:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), SEAL_INTERVAL_SECONDS)
+
+
+async def _verified_today(conn: q.Conn) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT 1 FROM voucher_verifications WHERE at > now() - interval '1 day' LIMIT 1"
+        )
+    )
+
+
+async def verify_and_record(conn: q.Conn, checkpoint_key: str | None) -> Verification:
+    """The daily full check: recompute the chain and leave the result for the gauges."""
+    result = await verify(conn, checkpoint_key=checkpoint_key)
+    await q.record_verification(
+        conn, result.ok, result.checked, result.first_broken, result.problem
+    )
+    if result.ok:
+        log.info("vouchers.verified", checked=result.checked, checkpoints=result.checkpoints)
+    else:
+        log.error("vouchers.broken", first_broken=result.first_broken, problem=result.problem)
+    return result
 
 
 @dataclass

@@ -505,3 +505,66 @@ async def voucher(conn: Conn, kind: str, event: dict[str, Any], txn_no: str | No
 
 async def vouchers_of(conn: Conn, txn_no: str) -> list[asyncpg.Record]:
     return await conn.fetch("SELECT * FROM voucher_events WHERE txn_no = $1 ORDER BY id", txn_no)
+
+
+# ---------------------------------------------------------------- gauges (housekeeping)
+
+
+async def stuck_attempts(conn: Conn) -> dict[str, asyncpg.Record]:
+    """Per funder: escalated unknown attempts and the age of the oldest unknown one."""
+    rows = await conn.fetch(
+        "SELECT funder_id,"
+        " count(*) FILTER (WHERE escalated_at IS NOT NULL) AS escalated,"
+        " greatest(coalesce(extract(epoch FROM now() - min(unknown_since)), 0), 0)::float8"
+        " AS oldest"
+        " FROM attempts WHERE status = 'unknown' GROUP BY funder_id"
+    )
+    return {r["funder_id"]: r for r in rows}
+
+
+async def voucher_chain_stats(conn: Conn) -> asyncpg.Record | None:
+    # max(seq) reads the unique index; the unsealed rows have a partial index
+    return await conn.fetchrow(
+        "SELECT (SELECT coalesce(max(seq), 0) FROM voucher_events) AS sealed,"
+        " count(*) AS unsealed,"
+        " greatest(coalesce(extract(epoch FROM now() - min(at)), 0), 0)::float8 AS oldest"
+        " FROM voucher_events WHERE seq IS NULL"
+    )
+
+
+async def record_verification(
+    conn: Conn, intact: bool, checked: int, first_broken: int | None, problem: str | None
+) -> None:
+    await conn.execute(
+        "INSERT INTO voucher_verifications (intact, checked, first_broken, problem)"
+        " VALUES ($1, $2, $3, $4)",
+        intact,
+        checked,
+        first_broken,
+        problem,
+    )
+
+
+async def last_verification(conn: Conn) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT intact, extract(epoch FROM at)::float8 AS at FROM voucher_verifications"
+        " ORDER BY id DESC LIMIT 1"
+    )
+
+
+async def recon_stats(conn: Conn) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
+    """Last successful reconciliation per funder (unix time) and open breaks by type."""
+    last = {
+        r["funder_id"]: r["at"]
+        for r in await conn.fetch(
+            "SELECT funder_id, extract(epoch FROM max(finished_at))::float8 AS at"
+            " FROM recon_runs WHERE status = 'succeeded' GROUP BY funder_id"
+        )
+    }
+    breaks: dict[str, dict[str, int]] = {}
+    for r in await conn.fetch(
+        "SELECT funder_id, type, count(*) AS n FROM recon_breaks"
+        " WHERE status IN ('open', 'auto_pending') GROUP BY funder_id, type"
+    ):
+        breaks.setdefault(r["funder_id"], {})[r["type"]] = r["n"]
+    return last, breaks
