@@ -57,7 +57,8 @@ class Authenticator:
     def client_for(self, header: str | None) -> Client | None:
         if not header or not header.startswith("Bearer "):
             return None
-        digest = hashlib.sha256(header[7:].strip().encode()).hexdigest()
+        # header bytes that are not UTF-8 arrive surrogate-escaped: hash them as they came
+        digest = hashlib.sha256(header[7:].strip().encode(errors="surrogateescape")).hexdigest()
         found: Client | None = None
         for c in self.clients:  # no early exit: time does not depend on which client matched
             if hmac.compare_digest(digest, c.token_sha256):
