@@ -246,3 +246,66 @@ async def fail_over(
     svc.metrics.disbursement_transition(a["funder_id"], "failed", d["amount"])
     log.warning("disbursement.failed", txn_no=d["txn_no"], reason=failure["code"])
     return "failed"
+
+
+class CorrectionRefused(Exception):
+    """A correction that cannot be applied automatically; the reason is for the person."""
+
+
+async def correct_terminal(
+    conn: q.Conn, svc: Services, a: asyncpg.Record, new: str, *, by: str, reason: str
+) -> None:
+    """A person, with the bank's statement as evidence, reverses a final outcome:
+    `succeeded → failed` (the bank never paid) or `failed → succeeded` (the bank paid).
+
+    The one place a state moves "backwards", so it is explicit: limits, prefund and ledger
+    follow the bank's truth, a voucher names who and why, and the lending core is told the
+    new outcome. Refused when the attempt is not the disbursement's current one (a bank that
+    paid an attempt we had failed over from is a double payment for people to recover).
+    """
+    if (a["status"], new) not in (("succeeded", "failed"), ("failed", "succeeded")):
+        raise CorrectionRefused(f"only a final outcome can be reversed, not {a['status']}")
+    d = await q.get_disbursement_by_id(conn, a["disbursement_id"])
+    assert d is not None
+    latest = max(r["n"] for r in (await q.attempts_of(conn, [d["id"]]))[d["id"]])
+    if a["n"] != latest or d["status"] != a["status"]:
+        raise CorrectionRefused(
+            f"attempt {a['n']} is not the current attempt of {d['txn_no']}: "
+            "recover the double payment by hand"
+        )
+    now = svc.clock()
+    day = a["business_day"]
+    amount, fshare, pshare = a["amount"], a["alloc_funder"], a["alloc_platform"]
+    await q.lock_usage(conn, q.PLATFORM_SCOPE, day)
+    if new == "failed":
+        await q.release(conn, q.PLATFORM_SCOPE, day, amount)
+        await q.release(conn, q.funder_scope(a["funder_id"]), day, amount)
+        await q.return_prefund(conn, a["funder_id"], pshare)
+        entries = [
+            (ledger.PAYOUTS, -amount),
+            (ledger.funder_account(a["funder_id"]), fshare),
+            (ledger.custody_account(a["funder_id"]), pshare),
+        ]
+    else:
+        if not await q.take_prefund(conn, a["funder_id"], pshare):
+            raise CorrectionRefused("the prefund no longer covers the platform share")
+        await q.record_usage(conn, q.PLATFORM_SCOPE, day, amount)
+        await q.record_usage(conn, q.funder_scope(a["funder_id"]), day, amount)
+        entries = [
+            (ledger.PAYOUTS, amount),
+            (ledger.funder_account(a["funder_id"]), -fshare),
+            (ledger.custody_account(a["funder_id"]), -pshare),
+        ]
+    await ledger.post(
+        conn, f"disbursement.corrected_{new}", entries, day=day, txn_no=a["txn_no"],
+        funder_id=a["funder_id"],
+    )  # fmt: skip
+    failure = {"code": "corrected", "message": reason} if new == "failed" else None
+    await q.update_attempt(conn, a["id"], now, status=new)
+    await q.update_disbursement(conn, d["id"], now, status=new, failure=failure)
+    await _event(conn, "disbursement.corrected", a, new, previous=a["status"], by=by, reason=reason)
+    await _notify_lending_core(conn, svc, d["id"])
+    svc.metrics.disbursement_transition(a["funder_id"], new, amount)
+    log.warning(
+        "disbursement.corrected", txn_no=a["txn_no"], previous=a["status"], status=new, by=by
+    )

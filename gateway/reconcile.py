@@ -517,8 +517,9 @@ async def resolve_break(
 ) -> dict[str, Any]:
     """A person's decision on an open break, with an audit trail (who, when, why) and a
     voucher. `bank_is_right` applies the bank's answer through the state machine where it
-    can move our record forward (an open attempt); a record already final is never rewritten
-    here: the correction is recorded, and `correction.applied` says it was not applied."""
+    can move our record forward (an open attempt), and reverses a final outcome the bank
+    contradicts through `outcomes.correct_terminal` (limits, prefund, ledger and webhook
+    follow); `correction.applied` and `correction.reason` say what happened."""
     if resolution not in ("bank_is_right", "gateway_is_right"):
         raise ResolveError("invalid_resolution", "resolution must be bank_is_right or "
                            "gateway_is_right", 422)  # fmt: skip
@@ -550,8 +551,17 @@ async def resolve_break(
                     fail_reason=note or None,
                     source=f"{SOURCE}:resolve",
                 )
+                if not moved and a["status"] in ("succeeded", "failed"):
+                    # a final outcome the bank contradicts: the person's decision reverses it
+                    try:
+                        await outcomes.correct_terminal(
+                            conn, svc, a, target.value, by=who, reason=note or brk["type"]
+                        )
+                        moved = True
+                    except outcomes.CorrectionRefused as e:
+                        correction["reason"] = str(e)
                 correction["applied"] = moved
-                if not moved:
+                if not moved and "reason" not in correction:
                     correction["reason"] = (
                         f"the state machine does not move {a['status']} to {target.value}; "
                         "the bank's answer is recorded for a manual adjustment"

@@ -140,6 +140,17 @@ async def release(conn: Conn, scope: str, day: date, amount: int) -> None:
     )
 
 
+async def record_usage(conn: Conn, scope: str, day: date, amount: int) -> None:
+    """Usage for money that already moved: recorded even past the cap, which guards intake."""
+    await conn.execute(
+        """INSERT INTO limit_usage AS u (scope, business_day, used) VALUES ($1, $2, $3)
+           ON CONFLICT (scope, business_day) DO UPDATE SET used = u.used + EXCLUDED.used""",
+        scope,
+        day,
+        amount,
+    )
+
+
 async def take_prefund(conn: Conn, funder_id: str, amount: int) -> bool:
     if amount == 0:
         return True

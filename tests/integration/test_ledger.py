@@ -190,3 +190,42 @@ async def test_balances_and_entries_routes(start_gateway: StartGateway) -> None:
         if cursor is None:
             break
     assert sorted(seen) == sorted([OPENING_B] + [-SHARE_B] * 3)
+
+
+@pytest.mark.asyncio
+async def test_a_person_reversing_a_final_outcome_keeps_limits_and_ledger_true(
+    start_gateway: StartGateway,
+) -> None:
+    from gateway import outcomes
+    from gateway.store import queries as q
+
+    h = await start_gateway()
+    await h.register()
+    h.banks["bank-b"].script(SUCCEED, reject(pre_execution=False))
+    await h.accepted("C-PAID", funder_hint="bank-b")
+    await h.wait_status("C-PAID", "succeeded")
+    await h.accepted("C-FAILED", funder_hint="bank-b")
+    await h.wait_status("C-FAILED", "failed")
+    prefund = await h.prefund()
+
+    async def reverse(txn: str, to: str) -> None:
+        """What a person's bank_is_right resolution does to a final outcome."""
+        async with h.pool.acquire() as conn, conn.transaction():
+            d = await q.find_by_txn(conn, txn)
+            assert d is not None
+            attempt = (await q.attempts_of(conn, [d["id"]]))[d["id"]][-1]
+            a = await q.lock_attempt(conn, attempt["id"])
+            await outcomes.correct_terminal(conn, h.svc, a, to, by="ops", reason="statement")
+
+    await reverse("C-PAID", "failed")  # the bank never paid it after all
+    await reverse("C-FAILED", "succeeded")  # the bank paid it after all
+    assert (await h.get("C-PAID"))["status"] == "failed"
+    assert (await h.get("C-FAILED"))["status"] == "succeeded"
+    usage = await h.usage()
+    assert usage[q.funder_scope("bank-b")] == AMOUNT
+    assert usage[q.PLATFORM_SCOPE] == AMOUNT
+    assert await h.prefund() == prefund  # one share returned, one taken
+    check = await _verified(h)
+    assert check.ok, check.problems
+    with pytest.raises(outcomes.CorrectionRefused):
+        await reverse("C-PAID", "failed")  # failed already: only a final outcome reverses

@@ -564,7 +564,7 @@ async def test_bank_is_right_moves_an_open_record_through_the_state_machine(worl
     assert any('"resolution":"bank_is_right"' in e and '"by":"ops"' in e for e in events)
 
 
-async def test_a_final_record_is_not_rewritten_and_the_correction_is_recorded(
+async def test_bank_is_right_reverses_a_final_outcome_the_bank_contradicts(
     world: World,
 ) -> None:
     w = with_window(world, 0)
@@ -575,8 +575,25 @@ async def test_a_final_record_is_not_rewritten_and_the_correction_is_recorded(
     row = await resolve_break(w.svc, brk["id"], "bank_is_right", "bank never paid", "ops")
 
     assert row["status"] == "resolved"
+    assert row["evidence"]["correction"]["applied"] is True
+    assert await w.status("GONE") == ("failed", "failed")
+    async with w.pool.acquire() as conn:
+        kinds = [r["kind"] for r in await q.vouchers_of(conn, "TGONE")]
+    assert "disbursement.corrected" in kinds
+    assert "ledger.disbursement.corrected_failed" in kinds
+
+
+async def test_gateway_is_right_leaves_the_record_as_it_is(world: World) -> None:
+    w = with_window(world, 0)
+    await w.record("KEEP", "succeeded")
+    result = await reconcile_day(w.svc, "bank-a", D)
+    brk = (await w.breaks(result.run_id))["KEEP/missing_at_bank"]
+
+    row = await resolve_break(w.svc, brk["id"], "gateway_is_right", "bank file was late", "ops")
+
+    assert row["status"] == "resolved"
     assert row["evidence"]["correction"]["applied"] is False
-    assert await w.status("GONE") == ("succeeded", "succeeded")
+    assert await w.status("KEEP") == ("succeeded", "succeeded")
 
 
 async def test_the_http_api_lists_runs_and_breaks_and_resolves(
