@@ -21,6 +21,7 @@ from gateway.http import CLIENT_KEY, json_response, read_model, scoped
 from gateway.masking import mask_account
 from gateway.openapi import Param, Route, add_routes, document
 from gateway.schemas import (
+    MAX_BIGINT,
     TXN_NO_PATTERN,
     AccountIn,
     AccountList,
@@ -31,6 +32,7 @@ from gateway.schemas import (
     ErrorOut,
     FunderList,
     Health,
+    OpenApiDocument,
     VoucherList,
 )
 from gateway.store import db
@@ -101,7 +103,10 @@ def _cursor_in(value: str | None) -> int | None:
         kind, _, num = raw.partition(":")
         if kind != "d":
             raise ValueError(kind)
-        return int(num)
+        n = int(num)
+        if not 0 < n <= MAX_BIGINT:
+            raise ValueError(num)
+        return n
     except (ValueError, binascii.Error, UnicodeDecodeError) as e:
         raise Unprocessable("invalid_request", "cursor is not valid") from e
 
@@ -417,7 +422,7 @@ OPS_ROUTES: list[Route] = [
           responses={200: Health, 503: Health}),
     Route("GET", "/metrics", metrics, "Prometheus metrics",
           responses={200: "Prometheus text format"}),
-    Route("GET", "/openapi.json", openapi, "This document", responses={200: "OpenAPI 3.1"}),
+    Route("GET", "/openapi.json", openapi, "This document", responses={200: OpenApiDocument}),
 ]  # fmt: skip
 
 

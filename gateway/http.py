@@ -92,6 +92,10 @@ def make_middlewares(
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
+            if any("\x00" in v for v in request.match_info.values()) or any(
+                "\x00" in k or "\x00" in v for k, v in request.query.items()
+            ):
+                raise Unprocessable("invalid_request", "path and query must not contain NUL")
             return await handler(request)
         except ApiError as e:
             return error_response(e)
@@ -103,7 +107,10 @@ def make_middlewares(
             if e.status < 400:
                 raise
             code = {404: "not_found", 405: "method_not_allowed"}.get(e.status, "http_error")
-            return error_response(ApiError(code, e.reason or "error", status=e.status))
+            if e.status == 417 and e.content_type == "application/json":
+                raise
+            allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+            return error_response(ApiError(code, e.reason or "error", status=e.status), allow)
         except asyncpg.exceptions.TooManyConnectionsError:
             return error_response(
                 Unavailable("overloaded", "database connections exhausted"), {"Retry-After": "1"}

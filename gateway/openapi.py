@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
@@ -37,9 +37,22 @@ class Route:
     raw_body: str | None = None  # media type of a body the handler reads itself
 
 
+async def expect_continue(request: web.Request) -> None:
+    """`Expect: 100-continue` is honoured; any other expectation is a 417 in the error shape
+    (aiohttp's default answers in plain text, before any middleware)."""
+    expect = request.headers.get("EXPECT", "")
+    if expect.lower() == "100-continue":
+        if request.version == HttpVersion11 and request.writer is not None:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return
+    body = b'{"error":{"code":"expectation_failed","message":"only 100-continue is supported",'
+    body += b'"details":null}}'
+    raise web.HTTPExpectationFailed(body=body, content_type="application/json")
+
+
 def add_routes(app: web.Application, routes: list[Route]) -> None:
     for r in routes:
-        app.router.add_route(r.method, r.path, r.handler)
+        app.router.add_route(r.method, r.path, r.handler, expect_handler=expect_continue)
 
 
 ERRORS = {

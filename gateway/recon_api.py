@@ -20,7 +20,7 @@ from gateway.errors import ApiError, NotFound, Unprocessable
 from gateway.http import CLIENT_KEY, json_response, read_model, scoped
 from gateway.openapi import Param, Route
 from gateway.reconcile import ResolveError, resolve_break
-from gateway.schemas import ErrorOut
+from gateway.schemas import MAX_BIGINT, ErrorOut
 from gateway.store import recon_queries as rq
 from reconciliation.classify import BREAK_TYPES
 
@@ -191,6 +191,8 @@ def _int(name: str, value: str | None, *, minimum: int = 1) -> int | None:
         raise Unprocessable("invalid_request", f"{name} must be an integer") from e
     if n < minimum:
         raise Unprocessable("invalid_request", f"{name} must be at least {minimum}")
+    if n > MAX_BIGINT:
+        raise Unprocessable("invalid_request", f"{name} is out of range")
     return n
 
 
@@ -282,7 +284,7 @@ async def resolve(request: web.Request) -> web.Response:
 
 # ---------------------------------------------------------------- routes
 
-_ID = Param("id", "path", {"type": "integer", "minimum": 1})
+_ID = Param("id", "path", {"type": "integer", "minimum": 1, "maximum": MAX_BIGINT})
 _TYPE = Param("type", "query", {"type": "string", "enum": list(BREAK_TYPES)})
 _STATUS = Param("status", "query", {"type": "string", "enum": list(BREAK_STATUSES)})
 _LIMIT = Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT})
@@ -299,8 +301,9 @@ RECON_ROUTES: list[Route] = [
           "The breaks of one run", scope="read", responses={200: BreakList, 404: ErrorOut},
           params=(_ID, _TYPE, _STATUS, _CURSOR, _LIMIT)),
     Route("GET", "/v1/reconciliation/breaks", list_breaks, "Breaks of every run",
-          scope="read", responses={200: BreakList},
-          params=(Param("run", "query", {"type": "integer", "minimum": 1}), _FUNDER, _TYPE,
+          scope="read", responses={200: BreakList, 404: ErrorOut},
+          params=(Param("run", "query", {"type": "integer", "minimum": 1,
+                                         "maximum": MAX_BIGINT}), _FUNDER, _TYPE,
                   _STATUS, _CURSOR, _LIMIT)),
     Route("POST", "/v1/reconciliation/breaks/{id}/resolve", resolve,
           "Resolve a break: bank_is_right or gateway_is_right, with a note (audit trail)",

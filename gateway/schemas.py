@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from config.models import Term
 
+MAX_BIGINT = 2**63 - 1  # ids are PostgreSQL bigint
 TXN_NO_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 # every field a bank may need; lengths are those of CNAPS account and name fields
 ACCOUNT_NO_PATTERN = r"^[0-9]{8,32}$"
@@ -184,3 +185,12 @@ class ErrorOut(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+class OpenApiDocument(BaseModel):
+    """This OpenAPI 3.1 document."""
+
+    model_config = ConfigDict(extra="allow")
+    openapi: str
+    info: dict[str, Any]
+    paths: dict[str, Any]

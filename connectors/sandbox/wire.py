@@ -102,7 +102,8 @@ def parse_options(raw: Mapping[str, Any]) -> SandboxOptions:
 
 def sign(secret: str, timestamp: str, nonce: str, body: bytes) -> str:
     """hex(hmac_sha256(secret, timestamp + "\\n" + nonce + "\\n" + body)), lowercase."""
-    message = f"{timestamp}\n{nonce}\n".encode() + body
+    # header bytes that are not UTF-8 arrive surrogate-escaped: sign them as they came
+    message = f"{timestamp}\n{nonce}\n".encode(errors="surrogateescape") + body
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
@@ -213,8 +214,8 @@ class NotFound(_Wire):
 class CallbackBody(_Wire):
     """Body of the bank's result callback."""
 
-    order_no: str = Field(min_length=1)
-    bank_ref: str | None = None
+    order_no: str = Field(min_length=1, max_length=128, pattern=r"^[^\x00]+$")
+    bank_ref: str | None = Field(default=None, max_length=128, pattern=r"^[^\x00]*$")
     status: str
     amount: int | None = None
     finished_at: datetime | None = None
@@ -286,6 +287,8 @@ def parse_callback_body(body: bytes) -> tuple[CallbackBody, dict[str, Any]]:
         raw = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WireFormatError("callback body is not JSON") from e
+    except RecursionError as e:
+        raise WireFormatError("callback body is nested too deeply") from e
     if not isinstance(raw, dict):
         raise WireFormatError("callback body is not a JSON object")
     try:

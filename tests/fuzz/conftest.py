@@ -9,8 +9,10 @@ modules run in any order and the row counts a module compares are its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -152,9 +154,9 @@ def header_value(alphabet: list[int] = FIELD_BYTES) -> st.SearchStrategy[bytes]:
     return st.lists(st.sampled_from(alphabet), max_size=64).map(lambda b: bytes(b).strip())
 
 
-# Authorization values the fuzzing draws from: printable ASCII. Bytes that are not UTF-8 make
-# the gateway answer 500 today; test_bad_input_regressions.py holds that case by name.
-TOKEN_BYTES = list(range(0x20, 0x7F))
+# printable ASCII only, for header values where other bytes are a known 500 that
+# test_bad_input_regressions.py holds by name (the sandbox callback's timestamp and nonce)
+ASCII_BYTES = list(range(0x20, 0x7F))
 
 
 Headers = list[tuple[str, bytes]]
@@ -174,8 +176,9 @@ AUTH_HEADERS: st.SearchStrategy[tuple[Headers, bool | None]] = st.one_of(
     st.just(([("Authorization", "Bearer démo-tökén".encode())], True)),
     st.just(([("Authorization", f"bearer {TOKEN}".encode())], None)),
     st.just(([("Authorization", f"Bearer \t {TOKEN}".encode())], None)),
-    header_value(TOKEN_BYTES).map(lambda v: ([("Authorization", (b"Bearer " + v).strip())], True)),
-    header_value(TOKEN_BYTES).filter(bool).map(lambda v: ([("Authorization", v)], True)),
+    st.just(([("Authorization", b"Bearer \xff\xfe\xfd")], True)),
+    header_value().map(lambda v: ([("Authorization", (b"Bearer " + v).strip())], True)),
+    header_value().filter(bool).map(lambda v: ([("Authorization", v)], True)),
     # duplicated: aiohttp reads the first one
     st.just(([("Authorization", b"Bearer wrong"), *VALID_AUTH], True)),
     st.just(([*VALID_AUTH, ("Authorization", b"Bearer wrong")], False)),
@@ -278,6 +281,22 @@ def probe(module_db: str) -> Iterator[Probe]:
         yield p
     finally:
         p.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give each schemathesis operation its own node id.
+
+    `@schema.parametrize()` names its items `test[GET /path]`, but pytest 9.2 builds a node id
+    from the function's original name and its parametrization only, so every operation would
+    share one id (and the summary would not say which operation failed).
+    """
+    here = Path(__file__).parent
+    for item in items:
+        name, nodeid = item.name, item.nodeid
+        if item.path.parent != here or not name.endswith("]") or nodeid.endswith("]"):
+            continue
+        with contextlib.suppress(AttributeError, ValueError):  # a pytest that does it right
+            item._id = item._id.with_params(name[name.index("[") + 1 : -1])
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

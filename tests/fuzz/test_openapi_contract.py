@@ -131,20 +131,21 @@ def test_openapi_json_operations_are_well_formed(document: dict[str, Any]) -> No
             declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
             assert declared == placeholders, (method, path, declared, placeholders)
             for status, answer in op["responses"].items():
-                if (status.startswith(("4", "5")) and status != "503") or status == "503":
-                    media = answer.get("content", {})
-                    if "application/json" in media and path not in ("/readyz",):
-                        ref = media["application/json"]["schema"].get("$ref")
-                        assert ref == "#/components/schemas/ErrorOut", (method, path, status)
+                media = answer.get("content", {}).get("application/json")
+                if not status.startswith(("4", "5")) or media is None:
+                    continue
+                if (path, status) == ("/readyz", "503"):
+                    continue  # readiness answers its own Health document when not ready
+                assert media["schema"] == {"$ref": "#/components/schemas/ErrorOut"}, (
+                    method,
+                    path,
+                    status,
+                )
     assert len(op_ids) == len(set(op_ids)), sorted(op_ids)
     schemas = document["components"]["schemas"]
-    for ref in re.findall(r'"\$ref":\s*"([^"]+)"', _dump(document)):
+    for ref in re.findall(r'"\$ref":\s*"([^"]+)"', json.dumps(document)):
         assert ref.startswith("#/components/schemas/"), ref
         assert ref.removeprefix("#/components/schemas/") in schemas, ref
-
-
-def _dump(value: Any) -> str:
-    return json.dumps(value)
 
 
 @schema.parametrize()
