@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from gateway.store.embedded import POSTGRES_BIN_PATH
 from tests.e2e.harness import (
     PAYEE,
     PAYEE_MASKED,
@@ -260,3 +261,24 @@ async def test_every_state_change_leaves_a_voucher_sealed_into_the_verified_chai
         timeout=60,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+@pytest.mark.asyncio
+async def test_no_plaintext_account_number_or_name_in_the_gateway_logs_or_the_database(
+    api: Api, stack: Stack
+) -> None:
+    body = await api.new_disbursement()
+    assert (await api.post(body)).status_code == 201
+    await api.wait_terminal([body["txn_no"]], timeout=10)
+    logs = stack.gateway.log_path.read_text(encoding="utf-8", errors="replace")
+    assert body["txn_no"] in logs  # the run is in the log...
+    assert PAYEE["account_no"] not in logs  # ...the payee's account number is not
+    assert PAYEE["account_name"] not in logs
+    dump = await asyncio.to_thread(
+        subprocess.run,
+        [str(POSTGRES_BIN_PATH / "pg_dump"), "--data-only", stack.database_url],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert body["txn_no"] in dump.stdout
+    assert PAYEE["account_no"] not in dump.stdout
+    assert PAYEE["account_name"] not in dump.stdout
