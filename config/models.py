@@ -305,6 +305,8 @@ class DispatchConfig(_Model):
     # consecutive NotSent/OutcomeUnknown answers that open a funder's circuit, and for how long
     circuit_failure_threshold: int = Field(default=5, gt=0)
     circuit_cooldown_seconds: float = Field(default=30, gt=0)
+    # on SIGTERM, bank calls in flight get this long before they are handed back
+    drain_seconds: float = Field(default=10, ge=0)
     webhook_backoff_seconds: list[float] = Field(
         default_factory=lambda: [1.0, 5.0, 30.0, 120.0, 600.0], min_length=1
     )

@@ -36,8 +36,6 @@ log = structlog.get_logger("fundgate.app")
 
 Role = Literal["all", "api", "worker"]
 WORKERS = web.AppKey("workers", list)
-# how long a stopping process lets bank calls in flight finish before leaving them to the lease
-DRAIN_SECONDS = 10.0
 
 
 def create_app(
@@ -144,7 +142,7 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
     finally:
         stop.set()
         for loop in (dispatcher, poller, notifier):
-            await loop.drain(DRAIN_SECONDS)
+            await loop.drain(svc.cfg.dispatch.drain_seconds)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

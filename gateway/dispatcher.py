@@ -83,6 +83,7 @@ class _Loop:
         self.svc = svc
         self.capacity = capacity
         self.tasks: set[asyncio.Task[None]] = set()
+        self.claimed: dict[asyncio.Task[None], int] = {}
         self._wake = asyncio.Event()
 
     def wake(self, *_: Any) -> None:
@@ -92,6 +93,10 @@ class _Loop:
         raise NotImplementedError
 
     async def handle(self, row: asyncpg.Record) -> None:
+        raise NotImplementedError
+
+    async def release(self, conn: q.Conn, ids: list[int]) -> None:
+        """Hand claimed work back at once (shutdown) instead of waiting for the lease."""
         raise NotImplementedError
 
     async def _guarded(self, row: asyncpg.Record) -> None:
@@ -116,6 +121,7 @@ class _Loop:
             for row in rows:
                 t = asyncio.create_task(self._guarded(row))
                 self.tasks.add(t)
+                self.claimed[t] = row["id"]
                 t.add_done_callback(self._done)
             if rows and len(rows) == free:
                 await asyncio.sleep(0)
@@ -126,6 +132,7 @@ class _Loop:
 
     def _done(self, t: asyncio.Task[None]) -> None:
         self.tasks.discard(t)
+        self.claimed.pop(t, None)
         self._wake.set()
 
     async def _wait(self, stop: asyncio.Event) -> None:
@@ -137,13 +144,25 @@ class _Loop:
                 w.cancel()
 
     async def drain(self, timeout: float) -> None:
-        """Let in-flight calls finish; what does not finish is released by its lease."""
-        if self.tasks:
-            _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
-            for t in pending:
-                t.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=1)
+        """Let in-flight calls finish; what does not is cancelled and handed back for another
+        process (or the restart) to take at once. A cancelled bank call may have reached the
+        bank: the re-send carries the same order number, and a claim without a recorded
+        outcome is never failed over."""
+        if not self.tasks:
+            return
+        _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
+        ids = [self.claimed[t] for t in pending if t in self.claimed]
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1)
+        if ids:
+            try:
+                async with self.svc.pool.acquire(timeout=2) as conn:
+                    await self.release(conn, ids)
+                log.info(f"{self.name}.released", rows=len(ids))
+            except (TimeoutError, OSError, asyncpg.PostgresError) as e:
+                log.warning(f"{self.name}.release_failed", error=str(e), rows=len(ids))
 
 
 class Dispatcher(_Loop):
@@ -156,6 +175,9 @@ class Dispatcher(_Loop):
 
     async def claim(self, conn: q.Conn, n: int) -> list[asyncpg.Record]:
         return await q.claim(conn, "dispatch", n, self.svc.cfg.dispatch.lease_seconds)
+
+    async def release(self, conn: q.Conn, ids: list[int]) -> None:
+        await q.release_leases(conn, ids)
 
     async def handle(self, row: asyncpg.Record) -> None:
         svc = self.svc
@@ -282,6 +304,9 @@ class Poller(_Loop):
 
     async def claim(self, conn: q.Conn, n: int) -> list[asyncpg.Record]:
         return await q.claim_queries(conn, n, self.svc.cfg.dispatch.lease_seconds)
+
+    async def release(self, conn: q.Conn, ids: list[int]) -> None:
+        await q.release_queries(conn, ids)
 
     async def handle(self, row: asyncpg.Record) -> None:
         svc = self.svc

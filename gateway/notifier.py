@@ -50,6 +50,9 @@ class Notifier(_Loop):
             return []
         return await q.claim(conn, "webhook", n, self.svc.cfg.dispatch.lease_seconds)
 
+    async def release(self, conn: q.Conn, ids: list[int]) -> None:
+        await q.release_leases(conn, ids)
+
     async def _post(self, payload: dict[str, Any]) -> None:
         lc = self.svc.cfg.lending_core
         assert lc is not None

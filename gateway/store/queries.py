@@ -398,6 +398,13 @@ async def defer_outbox(conn: Conn, outbox_id: int, delay_seconds: float) -> None
     )
 
 
+async def release_leases(conn: Conn, outbox_ids: list[int]) -> None:
+    """Hand leased rows back now; the try they used still counts (it may have been sent)."""
+    await conn.execute(
+        "UPDATE outbox SET leased_until = NULL WHERE id = ANY($1::bigint[])", outbox_ids
+    )
+
+
 async def finish_outbox(conn: Conn, outbox_id: int) -> None:
     await conn.execute("DELETE FROM outbox WHERE id = $1", outbox_id)
 
@@ -475,6 +482,15 @@ async def circuits(conn: Conn) -> dict[str, str]:
         """
     )
     return {r["funder_id"]: r["state"] for r in rows}
+
+
+async def release_queries(conn: Conn, attempt_ids: list[int]) -> None:
+    """Make claimed status queries due again now (shutdown hands them back)."""
+    await conn.execute(
+        "UPDATE attempts SET next_query_at = now() WHERE id = ANY($1::bigint[])"
+        " AND status IN ('sent', 'processing', 'unknown')",
+        attempt_ids,
+    )
 
 
 # ---------------------------------------------------------------- callbacks

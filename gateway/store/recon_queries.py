@@ -132,6 +132,76 @@ async def copy_stage(conn: Conn, records: AsyncIterable[tuple[Any, ...]]) -> Non
     await conn.copy_records_to_table("recon_stage", records=records, columns=STAGE_COLUMNS)
 
 
+# ---- the fast path of a sandbox-CSV file: its bytes COPYed as they are, checked in SQL
+
+RAW_COLUMNS = ("order_no", "bank_ref", "amount", "status", "finished_at")
+# What the fast path accepts, deliberately narrower than the Python parser: a line outside it
+# sends the whole file to the parser, which accepts it or names the line and the reason.
+_REF = "^[0-9A-Za-z_.:/=+-]+$"
+_TIME = (
+    r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:[0-5]\d"
+    r"(\.\d{1,6})?(Z|[+-](0\d|1[0-4]):[0-5]\d)$"
+)
+
+
+async def create_raw(conn: Conn) -> None:
+    """The file's CSV fields as text; `line_no` is the row's place in the file, which is its
+    physical line while no line is blank and no field spans lines (both send the file to the
+    parser: COPY refuses a blank line, and the field checks refuse a line end)."""
+    await conn.execute(
+        """
+        CREATE TEMP TABLE recon_raw (
+            line_no     bigint GENERATED ALWAYS AS IDENTITY,
+            order_no    text, bank_ref text, amount text, status text, finished_at text
+        ) ON COMMIT DROP
+        """
+    )
+
+
+async def copy_raw(conn: Conn, source: AsyncIterable[bytes]) -> int:
+    """The file's bytes into `recon_raw`; PostgreSQL parses the CSV (an error, a line with
+    another field count or an encoding error included, raises). Returns the rows copied."""
+    status = await conn.copy_to_table(
+        "recon_raw", source=source, columns=RAW_COLUMNS, format="csv", encoding="utf8"
+    )
+    return int(status.split()[-1])
+
+
+async def drop_raw(conn: Conn) -> None:
+    await conn.execute("DROP TABLE recon_raw")
+
+
+async def stage_raw(conn: Conn, header: Sequence[str], rows: int) -> bool:
+    """Convert `recon_raw` into `recon_stage` in one pass when its first row is `header` and
+    every other line is in the fast path's shape; False when not (the caller takes back what
+    was staged). A time that is not a real date raises `asyncpg.DataError`."""
+    header_ok = await conn.fetchval(
+        """SELECT ROW(order_no, bank_ref, amount, status, finished_at)
+                  IS NOT DISTINCT FROM ROW($1, $2, $3, $4, $5)
+             FROM recon_raw WHERE line_no = 1""",
+        *header,
+    )
+    if not header_ok or rows < 2:
+        return False
+    status = await conn.execute(
+        f"""
+        INSERT INTO recon_stage ({", ".join(STAGE_COLUMNS)})
+        SELECT line_no, order_no, bank_ref, amount::bigint,
+               CASE status WHEN 'SUCCESS' THEN 'succeeded' WHEN 'FAILED' THEN 'failed'
+                           ELSE 'reversed' END,
+               finished_at::timestamptz
+          FROM recon_raw
+         WHERE line_no > 1
+           AND order_no ~ '{_REF}'
+           AND (bank_ref IS NULL OR bank_ref ~ '{_REF}')
+           AND amount ~ '^[0-9]{{1,18}}$'
+           AND status IN ('SUCCESS', 'FAILED', 'REVERSED')
+           AND (finished_at IS NULL OR finished_at ~ '{_TIME}')
+        """
+    )
+    return int(status.split()[-1]) == rows - 1
+
+
 async def duplicate_line(conn: Conn) -> tuple[int, int] | None:
     """(first, repeat) line numbers of the first line that repeats another exactly. Only
     orders listed more than once can hold one (after `aggregate_stage`)."""
@@ -161,7 +231,10 @@ async def aggregate_stage(conn: Conn) -> tuple[int, int]:
                min(amount)                                        AS amount_min,
                max(amount)                                        AS amount_max,
                min(line_no)                                       AS line_no,
-               min(bank_ref)                                      AS bank_ref
+               min(bank_ref)                                      AS bank_ref,
+               (coalesce(sum(amount) FILTER (WHERE status = 'succeeded'), 0)
+                - coalesce(sum(amount) FILTER (WHERE status = 'reversed'), 0))::bigint
+                                                                  AS net_paid
           FROM recon_stage GROUP BY order_no
         """
     )
@@ -192,7 +265,7 @@ async def join_records(
              WHERE run_id = $4 AND status = 'auto_resolved' GROUP BY order_no)
         SELECT b.*, e.paid AS earlier_paid, au.type AS auto_type,
                a.id AS attempt_id, a.status AS our_status, d.amount AS our_amount, d.txn_no,
-               (a.created_at AT TIME ZONE $5)::date AS our_day,
+               (a.created_at AT TIME ZONE $5)::date AS our_day, d.business_day AS ledger_day,
                (a.id IS NOT NULL AND b.lines = 1 AND e.order_no IS NULL AND au.type IS NULL
                 AND b.amount_min = d.amount
                 AND ((b.succeeded = 1 AND a.status = 'succeeded')
@@ -220,6 +293,41 @@ async def join_records(
             WHERE NOT plain"""
     )
     return int(row["n"]), int(row["total"])
+
+
+async def statement_paid(conn: Conn, day: date) -> tuple[int, int]:
+    """The statement's net paid total (succeeded minus reversed lines) and the part of it for
+    orders whose business day is not `day` (after `join_records`)."""
+    row = await conn.fetchrow(
+        """SELECT coalesce(sum(net_paid), 0)::bigint AS total,
+                  coalesce(sum(net_paid) FILTER (WHERE ledger_day <> $1), 0)::bigint AS other
+             FROM recon_joined""",
+        day,
+    )
+    assert row is not None
+    return int(row["total"]), int(row["other"])
+
+
+LEDGER_PAYOUT_KINDS = (
+    "disbursement.paid",
+    "disbursement.corrected_succeeded",
+    "disbursement.corrected_failed",
+)
+
+
+async def ledger_paid(conn: Conn, funder_id: str, day: date) -> int:
+    """The ledger's net settled payouts of a funder's business day: `payout:borrowers` entries
+    of payouts and their corrections (index `ledger_entries_account_day`, migration 0010)."""
+    total = await conn.fetchval(
+        """SELECT coalesce(sum(e.amount), 0)::bigint
+             FROM ledger_entries e JOIN ledger_transactions t ON t.id = e.tx_id
+            WHERE e.account = 'payout:borrowers' AND e.business_day = $2
+              AND t.funder_id = $1 AND t.kind = ANY($3::text[])""",
+        funder_id,
+        day,
+        list(LEDGER_PAYOUT_KINDS),
+    )
+    return int(total)
 
 
 async def odd_rows(conn: Conn, after: int, limit: int) -> list[asyncpg.Record]:
@@ -393,10 +501,47 @@ async def save_breaks(conn: Conn, run_id: int, funder_id: str, day: date) -> Non
         """
         DELETE FROM recon_breaks r
          WHERE r.run_id = $1 AND r.status IN ('open', 'auto_pending')
+           AND r.type <> 'ledger_total_mismatch'  -- the run's own finding: `save_ledger_break`
            AND NOT EXISTS (SELECT 1 FROM recon_new_breaks n
                             WHERE n.order_no = r.order_no AND n.type = r.type)
         """,
         run_id,
+    )
+
+
+LEDGER_ORDER_NO = "(ledger total)"  # the order number of the run-level ledger break
+
+
+async def save_ledger_break(
+    conn: Conn, run_id: int, funder_id: str, day: date, row: tuple[Any, ...] | None
+) -> None:
+    """The run's `ledger_total_mismatch` break (`row` in `BREAK_COLUMNS` order, evidence as
+    JSON text), or none: an open one from an earlier run of the day is removed when the
+    totals now agree; one a person resolved keeps its resolution."""
+    if row is None:
+        await conn.execute(
+            """DELETE FROM recon_breaks WHERE run_id = $1 AND type = 'ledger_total_mismatch'
+                  AND status = 'open'""",
+            run_id,
+        )
+        return
+    cols = ", ".join(BREAK_COLUMNS)
+    params = ", ".join(
+        f"${i}::text::jsonb" if c == "evidence" else f"${i}" for i, c in enumerate(BREAK_COLUMNS, 4)
+    )
+    updates = ", ".join(
+        f"{c} = EXCLUDED.{c}" for c in BREAK_COLUMNS if c not in ("order_no", "type", "status")
+    )
+    await conn.execute(
+        f"""
+        INSERT INTO recon_breaks AS r (run_id, funder_id, business_day, {cols})
+        VALUES ($1, $2, $3, {params})
+        ON CONFLICT (run_id, order_no, type) DO UPDATE SET {updates}, updated_at = now()
+        """,
+        run_id,
+        funder_id,
+        day,
+        *row,
     )
 
 
