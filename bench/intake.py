@@ -1,0 +1,233 @@
+"""Intake throughput against this machine's limits, measured in the same run.
+
+    .venv/bin/python -m bench.intake [--duration 20] [--warmup 5] [--concurrency 64]
+                                     [--database-url URL] [--gateways 1]
+
+Starts embedded PostgreSQL (durable, as in production) unless a URL is given, then measures:
+
+    pgbench    the database's capacity for intake's write set: one transaction inserting a
+               disbursement, an attempt, an outbox row and a voucher event and reserving a
+               daily limit with a conditional upsert spread over 16 rows, at 16/32/64 clients;
+               the best rate is the baseline
+    floor      the load generator against a minimal aiohttp handler (bench/floor.py)
+    fundgate   the load generator (bench/loadgen.py, a separate process) against
+               `fundgate serve --role api`, every request to one funder, distinct txn_no,
+               whitelisted payees, limits far away
+
+and prints a table with the ratios fundgate / pgbench and fundgate / floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway.store.embedded import POSTGRES_BIN_PATH, EmbeddedPostgres  # noqa: E402
+
+CONFIG = """
+[gateway]
+platform_daily_limit = 1000000000000000
+
+[[clients]]
+name = "bench"
+token_sha256 = "7c43ef5ae21d43ce2743f770c68e24def1a43ee2f416d2438410c8af7af2ff2c"
+scopes = ["disburse", "read", "admin"]
+
+[[products]]
+code = "consumer-standard"
+min_amount = 300000
+max_amount = 20000000
+min_term = { unit = "day", count = 7 }
+max_term = { unit = "month", count = 36 }
+repayments = ["equal_installment", "interest_first"]
+
+[[funders]]
+id = "bank-a"
+name = "Bench Bank"
+license = "bank"
+mode = "direct"
+priority = 1
+products = ["consumer-standard"]
+single_max = 20000000
+daily_limit = 1000000000000000
+connector = "sandbox"
+[funders.connector_options]
+base_url = "http://127.0.0.1:9"
+secret = "bench"
+"""
+
+PGBENCH_SCRIPT = r"""
+\set r random(1, 2000000000)
+\set bucket random(1, 16)
+BEGIN;
+INSERT INTO disbursements (txn_no, request_hash, client, loan_id, borrower_id, amount, currency,
+  term_unit, term_count, apr, product, repayment, metadata, status, funder_id, mode,
+  alloc_funder, alloc_platform, business_day, payee_bank_code, payee_account_bidx,
+  payee_account_no_enc, payee_account_name_enc, payee_account_masked, payee_name_masked,
+  first_response)
+VALUES ('PGB-' || :client_id || '-' || :r || '-' || random(), '\x00', 'bench', 'L', 'B', 1000000,
+  'CNY', 'month', 12, 0.18, 'consumer-standard', 'equal_installment', '{}', 'accepted',
+  'bank-a', 'direct', 1000000, 0, current_date, 'ICBC', '\x0102',
+  '\x0102030405060708090a0b0c0d0e0f', '\x0102030405060708090a0b0c0d0e0f',
+  '622202*********3445', '*三', '{"status":"accepted"}')
+RETURNING id AS did \gset
+INSERT INTO attempts (disbursement_id, n, funder_id, order_no, status, mode, alloc_funder,
+  alloc_platform) VALUES (:did, 1, 'bank-a', 'PGB-' || :did, 'accepted', 'direct', 1000000, 0)
+RETURNING id AS aid \gset
+INSERT INTO outbox (kind, ref_id, funder_id) VALUES ('dispatch', :aid, 'bank-a');
+INSERT INTO voucher_events (kind, txn_no, event) VALUES ('disbursement.accepted', 'PGB',
+  '{"amount":1000000,"funder_id":"bank-a","status":"accepted"}');
+INSERT INTO limit_usage AS u (scope, business_day, used)
+  VALUES ('bench:' || :bucket, current_date, 1000000)
+  ON CONFLICT (scope, business_day) DO UPDATE SET used = u.used + EXCLUDED.used
+  WHERE u.used + EXCLUDED.used <= 1000000000000000000;
+END;
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_up(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def loadgen(url: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.loadgen", "--url", url, "--mode", mode,
+         "--concurrency", str(args.concurrency), "--duration", str(args.duration),
+         "--warmup", str(args.warmup), "--borrowers", str(args.borrowers)],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def pgbench(url: str, clients: int, seconds: float, workdir: Path) -> float:
+    script = workdir / "intake.sql"
+    script.write_text(PGBENCH_SCRIPT)
+    out = subprocess.run(
+        [str(POSTGRES_BIN_PATH / "pgbench"), "-n", "-M", "prepared", "-c", str(clients),
+         "-j", "2", "-T", str(int(seconds)), "-f", str(script), url],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    for line in out.splitlines():
+        if line.startswith("tps ="):
+            return float(line.split()[2])
+    raise RuntimeError(out)
+
+
+def register(url: str, n: int) -> None:
+    from bench.loadgen import borrower
+
+    for i in range(n):
+        bid, account = borrower(i)
+        req = urllib.request.Request(
+            f"{url}/v1/borrowers/{bid}/accounts", data=json.dumps(account).encode(),
+            method="PUT", headers={"Authorization": "Bearer demo-token"},
+        )  # fmt: skip
+        urllib.request.urlopen(req, timeout=10).read()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--duration", type=float, default=20)
+    p.add_argument("--warmup", type=float, default=5)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--borrowers", type=int, default=1000)
+    p.add_argument("--gateways", type=int, default=1)
+    p.add_argument("--database-url", default=os.environ.get("FUNDGATE_DATABASE_URL"))
+    args = p.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="fundgate-bench-"))
+    pg = None
+    url = args.database_url
+    if url is None:
+        pg = EmbeddedPostgres(work / "db", durable=True)
+        url = pg.start()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        (work / "bench.toml").write_text(CONFIG)
+        env = {
+            **os.environ,
+            "FUNDGATE_DATABASE_URL": url,
+            "FUNDGATE_CONFIG": str(work / "bench.toml"),
+            "FUNDGATE_LOG_LEVEL": "warning",
+        }
+        ports = [free_port() for _ in range(args.gateways)]
+        for port in ports:
+            log = open(work / f"gw{port}.log", "w")  # lives as long as the process
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port),
+                 "--role", "api", "--pool-size", "32"],
+                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
+            ))  # fmt: skip
+        for port in ports:
+            wait_up(f"http://127.0.0.1:{port}/readyz")
+        register(f"http://127.0.0.1:{ports[0]}", args.borrowers)
+
+        best, best_c = 0.0, 0
+        for c in (16, 32, 64):
+            tps = pgbench(url, c, args.duration / 2, work)
+            print(f"pgbench {c} clients: {tps:,.0f} tx/s", file=sys.stderr)
+            if tps > best:
+                best, best_c = tps, c
+
+        floor_port = free_port()
+        floor = subprocess.Popen([sys.executable, "-m", "bench.floor", "--port", str(floor_port)],
+                                 cwd=ROOT)  # fmt: skip
+        procs.append(floor)
+        time.sleep(1.0)
+        floor_r = loadgen(f"http://127.0.0.1:{floor_port}", "floor", args)
+        fg = loadgen(f"http://127.0.0.1:{ports[0]}", "intake", args)
+
+        print("\n| measure | rate (/s) | p50 ms | p99 ms | note |")
+        print("|---|---:|---:|---:|---|")
+        print(
+            f"| pgbench intake write set | {best:,.0f} | | | best of 16/32/64 clients ({best_c}) |"
+        )
+        print(f"| HTTP floor (aiohttp) | {floor_r['rps']:,.0f} | {floor_r['p50_ms']:.1f} | "
+              f"{floor_r['p99_ms']:.1f} | {args.concurrency} clients |")  # fmt: skip
+        print(f"| fundgate intake | {fg['rps']:,.0f} | {fg['p50_ms']:.1f} | {fg['p99_ms']:.1f} | "
+              f"{args.concurrency} clients, statuses {fg['statuses']} |")  # fmt: skip
+        print(
+            f"\nfundgate / pgbench = {fg['rps'] / best:.2f}; "
+            f"fundgate / HTTP floor = {fg['rps'] / max(floor_r['rps'], 1):.2f}"
+        )
+    finally:
+        for pr in procs:
+            pr.terminate()
+        for pr in procs:
+            try:
+                pr.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pr.kill()
+        if pg is not None:
+            pg.stop()
+
+
+if __name__ == "__main__":
+    main()
