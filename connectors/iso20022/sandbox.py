@@ -1,0 +1,260 @@
+"""A simulated ISO 20022 bank: accepts pain.001 uploads (validated against the XSD), answers
+and calls back with signed pain.002, serves camt.053.001.08 statements.
+
+    POST <upload_path>            pain.001 -> pain.002 (ACTC, or RJCT AC04 when refused)
+    GET  <status_path>            pain.002 of one order; 404 + pain.002 RJCT NOOR if unknown
+    GET  <statement_path>         camt.053.001.08 of the orders booked that day
+    GET  /_sandbox/payouts        the oracle of money moved: `executions` is never above 1
+
+Idempotent by EndToEndId (our order number); the same order with another amount or account
+is a 409. A 500 answer is an HTML page. Callbacks are pain.002 ACSC/RJCT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import aiohttp
+from aiohttp import web
+
+from connectors.iso20022 import wire
+
+State = Literal["accepted", "succeeded", "failed", "rejected"]
+_CODES: dict[State, tuple[str, str | None]] = {
+    "accepted": ("ACTC", None),
+    "succeeded": ("ACSC", None),
+    "failed": ("RJCT", "AM04"),  # insufficient funds at execution, nothing moved
+    "rejected": ("RJCT", "AC04"),  # closed account: refused before execution
+}
+
+
+@dataclass(frozen=True, slots=True)
+class IsoBankOptions:
+    secret: str
+    upload_path: str = "/iso/pain001"
+    status_path: str = "/iso/pain002/{order_no}"
+    statement_path: str = "/iso/camt053/{day}"
+    callback_url: str | None = None  # None: the X-ISO-Callback-Url header of the upload
+    seed: int = 0
+    reject_rate: float = 0.0
+    error_rate: float = 0.0
+    timeout_rate: float = 0.0
+    settle_ms: int = 20
+    callback_attempts: int = 3
+    timezone: str = "Asia/Shanghai"
+
+
+@dataclass(slots=True)
+class _Order:
+    tx: wire.Pain001Tx
+    msg_id: str
+    bank_ref: str
+    state: State
+    callback_url: str | None = None
+    executions: int = 0
+    finished_at: datetime | None = None
+
+
+class IsoBank:
+    def __init__(self, opts: IsoBankOptions) -> None:
+        self.opts = opts
+        self.rng = random.Random(opts.seed)
+        self.zone = ZoneInfo(opts.timezone)
+        self.orders: dict[str, _Order] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closing = asyncio.Event()
+        self.session: aiohttp.ClientSession | None = None
+        self._refs = itertools.count(1)
+
+    async def upload(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if (denied := self._verify(request, body)) is not None:
+            return denied
+        try:
+            msg_id, txs = wire.read_pain001(body)
+        except wire.WireFormatError as e:
+            return web.Response(status=400, text=str(e))
+        answers: list[_Order] = []
+        hang = False
+        for tx in txs:
+            order = self.orders.get(tx.order_no)
+            if order is None:
+                reject, error, timeout = (self.rng.random() for _ in range(3))
+                if error < self.opts.error_rate:
+                    return web.Response(
+                        status=500, text="<html>500</html>", content_type="text/html"
+                    )
+                state: State = "rejected" if reject < self.opts.reject_rate else "accepted"
+                callback = request.headers.get(wire.CALLBACK_HEADER) or self.opts.callback_url
+                order = _Order(tx, msg_id, f"ISO{next(self._refs):010d}", state, callback)
+                self.orders[tx.order_no] = order
+                if state == "accepted":
+                    self._spawn(self._settle(order))
+                    hang = hang or timeout < self.opts.timeout_rate
+            elif order.tx != tx:
+                return web.Response(status=409, text="EndToEndId reused with another payload")
+            answers.append(order)
+        if hang:
+            await self.closing.wait()
+            return web.Response(status=503)
+        return self._report(msg_id, answers, 200)
+
+    async def status(self, request: web.Request) -> web.StreamResponse:
+        if (denied := self._verify(request, await request.read())) is not None:
+            return denied
+        order_no = request.match_info["order_no"]
+        order = self.orders.get(order_no)
+        if order is None:
+            missing = wire.TxStatus(order_no, "RJCT", "NOOR")
+            return self._signed(self._pain002("?", [missing]), 404)
+        return self._report(order.msg_id, [order], 200)
+
+    async def statement(self, request: web.Request) -> web.StreamResponse:
+        if (denied := self._verify(request, await request.read())) is not None:
+            return denied
+        try:
+            day = date.fromisoformat(request.match_info["day"])
+        except ValueError:
+            return web.Response(status=400)
+        booked = sorted(
+            (
+                (o.tx.order_no, o.bank_ref, o.tx.amount, o.finished_at)
+                for o in self.orders.values()
+                if o.state == "succeeded"
+                and o.finished_at is not None
+                and o.finished_at.astimezone(self.zone).date() == day
+            ),
+            key=lambda t: (t[3], t[0]),
+        )
+        response = web.StreamResponse(headers={"Content-Type": "application/xml"})
+        await response.prepare(request)
+        for chunk in wire.camt053(f"STMT-{day.isoformat()}", booked):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def oracle(self, _request: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            [
+                {"order_no": o.tx.order_no, "amount": o.tx.amount, "executions": o.executions}
+                for o in self.orders.values()
+            ]
+        )
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _tx(self, o: _Order) -> wire.TxStatus:
+        code, reason = _CODES[o.state]
+        return wire.TxStatus(o.tx.order_no, code, reason, o.bank_ref, o.tx.amount, o.finished_at)
+
+    def _pain002(self, msg_id: str, statuses: list[wire.TxStatus]) -> bytes:
+        return wire.pain002(
+            msg_id=f"R{next(self._refs):010d}",
+            original_msg_id=msg_id,
+            statuses=statuses,
+            created=datetime.now(self.zone),
+        )
+
+    def _report(self, msg_id: str, orders: list[_Order], status: int) -> web.Response:
+        return self._signed(self._pain002(msg_id, [self._tx(o) for o in orders]), status)
+
+    def _signed(self, body: bytes, status: int) -> web.Response:
+        headers = wire.signed_headers(
+            self.opts.secret, body, timestamp=str(int(time.time())), nonce=secrets.token_hex(16)
+        )
+        return web.Response(status=status, body=body, headers=headers)
+
+    def _verify(self, request: web.Request, body: bytes) -> web.Response | None:
+        try:
+            wire.verify(self.opts.secret, request.headers, body, time.time())
+        except wire.SignatureError as e:
+            return web.Response(status=401, text=e.reason)
+        return None
+
+    async def _settle(self, order: _Order) -> None:
+        await asyncio.sleep(self.opts.settle_ms / 1000)
+        if order.executions == 0:
+            order.executions += 1  # the one place money leaves the bank
+            order.state = "succeeded"
+        order.finished_at = datetime.now(self.zone)
+        url = order.callback_url
+        if url is None or self.session is None:
+            return
+        for attempt in range(self.opts.callback_attempts):
+            body = self._pain002(order.msg_id, [self._tx(order)])
+            headers = wire.signed_headers(
+                self.opts.secret, body, timestamp=str(int(time.time())), nonce=secrets.token_hex(16)
+            )
+            try:
+                async with self.session.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    if 200 <= resp.status < 300:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.1 * 2**attempt)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+
+    async def stop(self) -> None:
+        self.closing.set()
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+
+BANK = web.AppKey("iso20022_bank", IsoBank)
+
+
+def create_bank_app(opts: IsoBankOptions) -> web.Application:
+    bank = IsoBank(opts)
+    app = web.Application()
+    app[BANK] = bank
+
+    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        await bank.start()
+        yield
+        await bank.stop()
+
+    async def on_shutdown(_app: web.Application) -> None:
+        bank.closing.set()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(on_shutdown)
+    app.router.add_post(opts.upload_path, bank.upload)
+    app.router.add_get(opts.status_path, bank.status)
+    app.router.add_get(opts.statement_path, bank.statement)
+    app.router.add_get("/_sandbox/payouts", bank.oracle)
+    return app
+
+
+async def run_bank(
+    opts: IsoBankOptions, *, host: str = "127.0.0.1", port: int, stop: asyncio.Event
+) -> None:
+    """Serve the bank until `stop` is set (what `fundgate sandbox-bank --protocol` would run)."""
+    runner = web.AppRunner(create_bank_app(opts), access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
