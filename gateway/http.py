@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -183,6 +184,7 @@ async def read_model(request: web.Request, model: type[M]) -> M:
         ) from e
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # deeper than any real request; PostgreSQL's jsonb and every client stay comfortable
 MAX_JSON_DEPTH = 32
 
@@ -192,7 +194,11 @@ def _unstorable(node: Any, depth: int) -> str | None:
     if depth < 0:
         return "body is nested too deeply"
     if isinstance(node, str):
-        return "strings must not contain NUL characters" if "\x00" in node else None
+        if "\x00" in node:
+            return "strings must not contain NUL characters"
+        if _SURROGATE.search(node):
+            return "strings must not contain unpaired surrogates (not valid Unicode text)"
+        return None
     if isinstance(node, dict):
         for k, v in node.items():
             problem = _unstorable(k, depth) or _unstorable(v, depth - 1)
