@@ -34,5 +34,9 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# the full chaos run of docs/reliability.md; repeat one with: make chaos CHAOS_ARGS="--seed S"
+chaos: $(STAMP)
+	$(BIN)/python -m bench.chaos --count 2000 --gateways 2 --kills 5 $(CHAOS_ARGS)
+
 clean:
 	rm -rf $(VENV) .fundgate .pytest_cache .mypy_cache .ruff_cache
