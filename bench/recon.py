@@ -10,7 +10,8 @@ plus 0.05 % unknown attempts the statement resolves through the state machine. T
 process of its own so peak memory (max RSS) is its own:
 
     fundgate   `gateway.reconcile.reconcile_day` reading the file from `[funders.statement]`
-               (parse, COPY into PostgreSQL, match in SQL, breaks, auto-resolution)
+               (the file's bytes COPYed into PostgreSQL and checked there, match in
+               SQL, breaks, auto-resolution, the ledger against the statement)
     pandas     `pd.read_csv` of the statement, the day's records exported with
                `COPY (...) TO STDOUT`, read with `pd.read_csv`, and an outer merge with
                the classification done in vectorised pandas

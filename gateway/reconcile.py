@@ -3,16 +3,20 @@ PostgreSQL, match it there, persist the run and its breaks, resolve what is cert
 the state machine (`gateway.outcomes`), and let a person resolve the rest.
 
 One run per (funder, statement day), idempotent: re-running a day updates the same run and
-never duplicates a break. A run happens in two steps:
+never duplicates a break. A run happens in three steps:
 
-1. one transaction: COPY the statement into a temporary table (a bad file raises
+1. one transaction: COPY the statement into a temporary table (a plain sandbox-CSV file as
+   its raw bytes, checked in SQL; anything else through its parser; a bad file raises
    `StatementError` and the transaction rolls back: nothing is half-applied, the run is
    marked failed with the reason and its line, and can be re-run once the file is fixed),
    refuse duplicated lines, classify (`reconciliation.classify`), record what the statement
    listed, sweep the pending pool, write the breaks;
 2. each automatic resolution in its own short transaction with the attempt locked, so
    limits, prefund and callbacks are never blocked for the length of a run. A run that dies
-   here is finished by re-running the day.
+   here is finished by re-running the day;
+3. one short transaction: the ledger's settled payouts of the day against the statement's
+   total of the day's orders (`_check_ledger`), a `ledger_total_mismatch` break when they
+   differ beyond what the window still awaits.
 
 `run_scheduler` runs yesterday's reconciliation for every funder at `[reconciliation]
 run_at` (business time zone), under an advisory lock so one process does it, and catches up
@@ -75,6 +79,19 @@ RETRY_FAILED_SECONDS = 1800.0
 SOURCE = "reconciliation"
 
 Progress = Callable[[int], None]
+
+
+class Laps:
+    """Seconds per phase of a run, for the `recon.finished` log line (where the time goes)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self._t, 3)
+        self._t = now
 
 
 class RunInProgress(Exception):
@@ -163,46 +180,53 @@ class _NotFast(Exception):
     """The file is not in the fast path's shape: the savepoint takes back what it staged."""
 
 
-async def _chunks(
-    handle: Any, shape: dict[str, Any], progress: Progress | None
-) -> AsyncIterator[bytes]:
+# every byte a plain sandbox-CSV file is made of: no quote, no space, no other line end, no
+# byte of a multi-byte character, so COPY and the parser cannot read a line differently
+_PLAIN = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_.:/=+-,\n"
+_HEADER = (",".join(STATEMENT_COLUMNS) + "\n").encode()
+
+
+async def _chunks(handle: Any, progress: Progress | None) -> AsyncIterator[bytes]:
+    """The file in chunks, refused (`_NotFast`) at the first byte outside `_PLAIN`, a first
+    line other than the header, a blank line, or a last line without its line end."""
     lines = 0
+    prev = b"\n"
     first = True
     while chunk := handle.read(COPY_CHUNK):
         if first:
-            shape["bom"] = chunk.startswith(b"\xef\xbb\xbf")
+            if not chunk.startswith(_HEADER):
+                raise _NotFast("header")
             first = False
-        shape["last"] = chunk[-1:]
+        if chunk.translate(None, _PLAIN) or b"\n\n" in chunk or prev + chunk[:1] == b"\n\n":
+            raise _NotFast("shape")
+        prev = chunk[-1:]
         lines += chunk.count(b"\n")
         if progress is not None:
             progress(max(lines - 1, 0))
         yield chunk
         await asyncio.sleep(0)  # a long file must not starve the event loop
+    if prev != b"\n":
+        raise _NotFast("no line end at the end")
 
 
 async def _copy_file_raw(conn: q.Conn, path: Path, progress: Progress | None) -> bool:
-    """The fast path of a sandbox-CSV file: its bytes COPYed as they are into `recon_raw`,
-    checked and converted in SQL (`rq.stage_raw`) into `recon_stage`. False, with nothing
-    staged, when the file is anything but plain (a BOM, a blank line, a field or a time the
-    fast path does not take, no line end at the end, an error of COPY): the Python parser
-    then reads it, and accepts it or names the bad line."""
+    """The fast path of a sandbox-CSV file: its bytes COPYed as they are into `recon_raw`
+    (PostgreSQL parses the CSV and the amounts in C), checked in SQL (`rq.stage_raw`), and
+    seen as `recon_stage`. False, with nothing staged, when the file is anything but plain:
+    the Python parser then reads it, and accepts it or names the bad line and the reason."""
     try:
         handle = path.open("rb")
     except OSError:
         return False  # the parser says why, with the path
-    shape: dict[str, Any] = {"bom": False, "last": b""}
     with handle:
         try:
             async with conn.transaction():  # a savepoint
                 await rq.create_raw(conn)
-                rows = await rq.copy_raw(conn, _chunks(handle, shape, progress))
-                if shape["bom"] or shape["last"] != b"\n":
-                    raise _NotFast
-                if not await rq.stage_raw(conn, STATEMENT_COLUMNS, rows):
-                    raise _NotFast
-                await rq.drop_raw(conn)
-        except (_NotFast, asyncpg.DataError, asyncpg.PostgresSyntaxError) as e:
-            log.info("recon.fast_path_declined", path=str(path), reason=type(e).__name__)
+                rows = await rq.copy_raw(conn, _chunks(handle, progress))
+                if rows == 0 or not await rq.stage_raw(conn):
+                    raise _NotFast("lines")
+        except (_NotFast, asyncpg.DataError) as e:
+            log.info("recon.fast_path_declined", path=str(path), reason=str(e) or repr(e))
             return False
     return True
 
@@ -286,33 +310,36 @@ async def _classify(
     day: date,
     run_id: int,
     progress: Progress | None,
+    lap: Laps | None = None,
 ) -> Summary:
     """Step 1, inside the caller's transaction."""
+    lap = lap or Laps()
     window = svc.cfg.reconciliation.window_days
     earlier_from = day - timedelta(days=EARLIER_DAYS)
     keep_from = day - timedelta(days=window + EARLIER_DAYS + 1)
     summary = Summary()
 
-    await rq.create_stage(conn)
     path = statement_path(funder, day)
-    if (
-        path is None
-        or funder.statement.format != "sandbox-csv"
-        or not await _copy_file_raw(conn, path, progress)
-    ):
+    fast = path is not None and funder.statement.format == "sandbox-csv"
+    if not (fast and path is not None and await _copy_file_raw(conn, path, progress)):
+        await rq.create_stage(conn)
         counter = [0]
         await rq.copy_stage(conn, _records(statement_lines(svc, funder, day), counter, progress))
         if progress is not None:
             progress(counter[0])
+    lap("stage")
     summary.lines, summary.amount = await rq.aggregate_stage(conn)
+    lap("aggregate")
     dup = await rq.duplicate_line(conn)
+    lap("duplicates")
     if dup is not None:
         raise StatementError(f"duplicate line: repeats line {dup[0]}", dup[1])
 
     zone = svc.cfg.gateway.timezone
     n, amount = await rq.join_records(conn, funder.id, day, earlier_from, run_id, zone)
     summary.matched.add(amount, n)
-    summary.ledger.statement_paid, summary.ledger.other_days = await rq.statement_paid(conn, day)
+    summary.ledger.statement_paid, summary.ledger.other_days = await rq.statement_paid(conn)
+    lap("join")
 
     await rq.create_new_breaks(conn)
     after = 0
@@ -355,10 +382,14 @@ async def _classify(
         if batch:
             await rq.copy_new_breaks(conn, batch)
 
+    lap("classify")
     await rq.record_seen(conn, funder.id, day, keep_from)
+    lap("seen")
     start, end = _day_bounds(svc, day)
     await rq.sweep_pending(conn, funder.id, day, start, end, keep_from)
+    lap("pending")
     await rq.close_found_late(conn, funder.id, run_id, day)
+    lap("found_late")
 
     absent = await rq.absent(conn, funder.id, day, day - timedelta(days=window + EARLIER_DAYS))
     decided = [
@@ -400,7 +431,10 @@ async def _classify(
             )
     if batch:
         await rq.copy_new_breaks(conn, batch)
+    lap("absent")
     await rq.save_breaks(conn, run_id, funder.id, day)
+    await rq.drop_stage(conn)
+    lap("breaks")
     return summary
 
 
@@ -533,6 +567,7 @@ async def reconcile_day(
     if funder is None:
         raise ValueError(f"unknown funder {funder_id!r}")
     started = time.perf_counter()
+    lap = Laps()
     log.info("recon.started", funder_id=funder_id, day=day.isoformat(), trigger=trigger)
     async with svc.pool.acquire() as conn:
         key = f"{funder_id}:{day.isoformat()}"
@@ -546,7 +581,7 @@ async def reconcile_day(
             run_id = int(run["id"])
             try:
                 async with conn.transaction():
-                    summary = await _classify(conn, svc, funder, day, run_id, progress)
+                    summary = await _classify(conn, svc, funder, day, run_id, progress, lap)
             except (StatementError, ConnectorError) as e:
                 reason = str(e)
                 await rq.fail_run(conn, run_id, reason)
@@ -558,9 +593,12 @@ async def reconcile_day(
                 with contextlib.suppress(Exception):
                     await rq.fail_run(conn, run_id, f"internal error: {type(e).__name__}: {e}")
                 raise
+            lap("commit")
             await _auto_resolve(svc, funder_id, day, run_id, summary)
+            lap("auto_resolve")
             async with conn.transaction():
                 await _check_ledger(conn, funder_id, day, run_id, summary)
+            lap("ledger")
             summary.open = await rq.open_breaks(conn, run_id)
             await rq.finish_run(conn, run_id, summary.lines, summary.amount, summary.to_json())
             await refresh_break_gauges(svc, conn, funder_id)
@@ -581,6 +619,7 @@ async def reconcile_day(
         open=summary.open,
         pending=summary.pending.count,
         seconds=round(seconds, 3),
+        phases=lap.seconds,
     )
     return RunResult(run_id, funder_id, day, "succeeded", None, summary, seconds)
 

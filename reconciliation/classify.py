@@ -10,6 +10,8 @@ operators use (roncoo-pay's reconciliation):
     status_mismatch_bank_failed      we say succeeded, the bank failed or reversed it
     amount_mismatch                  the bank moved another amount than we asked
     duplicate_at_bank                the bank paid the same order twice (money moved twice)
+    ledger_total_mismatch            (per run, not per order) the ledger's settled payouts of
+                                     the day differ from the statement's total (critical)
 
 Decision table for an order on this statement (first rule that applies wins):
 
@@ -57,6 +59,9 @@ class BreakType(enum.StrEnum):
     STATUS_MISMATCH_BANK_FAILED = "status_mismatch_bank_failed"
     AMOUNT_MISMATCH = "amount_mismatch"
     DUPLICATE_AT_BANK = "duplicate_at_bank"
+    # a run-level finding, not an order's: the ledger's settled payouts of the day and the
+    # statement's net paid total of that day's orders differ (`gateway.reconcile`)
+    LEDGER_TOTAL_MISMATCH = "ledger_total_mismatch"
 
 
 BREAK_TYPES: tuple[str, ...] = tuple(t.value for t in BreakType)
@@ -69,6 +74,7 @@ SEVERITY: dict[BreakType, str] = {
     BreakType.STATUS_MISMATCH_BANK_SUCCEEDED: "high",
     BreakType.MISSING_AT_BANK: "high",
     BreakType.AMOUNT_MISMATCH: "high",
+    BreakType.LEDGER_TOTAL_MISMATCH: "critical",
 }
 
 

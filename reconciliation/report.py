@@ -26,6 +26,65 @@ class Tally:
 
 
 @dataclass
+class LedgerTotals:
+    """The ledger's settled payouts of (funder, day) against the statement of that day.
+
+    `ledger_paid`      net `payout:borrowers` entries of the funder's `disbursement.paid` and
+                       `disbursement.corrected_*` transactions with that business day
+    `statement_paid`   the statement's succeeded minus reversed lines, every line
+    `other_days`       the part of it for orders whose business day is another (listed late,
+                       or repeated): they belong to that day's comparison, not this one
+    `awaiting`         settled payouts of the day's orders the statement does not list yet,
+                       still inside the window (looked for in later statements)
+
+    Like with like: the day's orders on the bank's side (`compared`) against the day's
+    settled payouts; `difference = compared - ledger_paid`; `unexplained` is the difference
+    left once the awaited orders are counted: a break when not zero."""
+
+    ledger_paid: int = 0
+    statement_paid: int = 0
+    other_days: int = 0
+    awaiting: int = 0
+
+    @property
+    def compared(self) -> int:
+        return self.statement_paid - self.other_days
+
+    @property
+    def difference(self) -> int:
+        return self.compared - self.ledger_paid
+
+    @property
+    def unexplained(self) -> int:
+        return self.difference + self.awaiting
+
+    @property
+    def ok(self) -> bool:
+        return self.unexplained == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ledger_paid": self.ledger_paid,
+            "statement_paid": self.statement_paid,
+            "other_days": self.other_days,
+            "compared": self.compared,
+            "awaiting": self.awaiting,
+            "difference": self.difference,
+            "unexplained": self.unexplained,
+            "ok": self.ok,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LedgerTotals:
+        return cls(
+            ledger_paid=int(data.get("ledger_paid", 0)),
+            statement_paid=int(data.get("statement_paid", 0)),
+            other_days=int(data.get("other_days", 0)),
+            awaiting=int(data.get("awaiting", 0)),
+        )
+
+
+@dataclass
 class Summary:
     """Counts and amounts of one run. `breaks` counts every break found by the run (open,
     resolved or automatically resolved); `auto_resolved` the subset the run resolved itself;
@@ -41,6 +100,7 @@ class Summary:
         default_factory=lambda: {t: Tally() for t in BREAK_TYPES}
     )
     open: int = 0
+    ledger: LedgerTotals = field(default_factory=LedgerTotals)
 
     def count(self, decision: Decision, amount: int) -> None:
         match decision.verdict:
@@ -72,6 +132,7 @@ class Summary:
             "breaks": {t: v.to_json() for t, v in self.breaks.items()},
             "auto_resolved": {t: v.to_json() for t, v in self.auto_resolved.items()},
             "open": self.open,
+            "ledger": self.ledger.to_json(),
         }
 
     @classmethod
@@ -86,6 +147,7 @@ class Summary:
             pending=tally(data.get("pending")),
             not_expected=tally(data.get("not_expected")),
             open=int(data.get("open", 0)),
+            ledger=LedgerTotals.from_json(data.get("ledger") or {}),
         )
         for t in BREAK_TYPES:
             s.breaks[t] = tally(data.get("breaks", {}).get(t))

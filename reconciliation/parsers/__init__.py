@@ -63,6 +63,8 @@ def check_line(line_no: int, line: StatementLine) -> None:
         raise StatementError(f"status {line.status!r} is not one of {sorted(STATUSES)}", line_no)
     if line.amount < 0:
         raise StatementError(f"negative amount {line.amount}", line_no)
+    if "\x00" in line.order_no or (line.bank_ref is not None and "\x00" in line.bank_ref):
+        raise StatementError("a NUL character in a field", line_no)  # PostgreSQL text refuses it
 
 
 __all__ = [

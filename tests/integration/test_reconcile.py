@@ -26,6 +26,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from config.models import FileConfig, StatementConfig
 from connectors.base import StatementLine
 from connectors.errors import OutcomeUnknown
+from gateway import ledger
 from gateway.app import create_app
 from gateway.context import Services
 from gateway.metrics import Metrics
@@ -46,6 +47,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 ZONE = ZoneInfo("Asia/Shanghai")
 D = date(2026, 3, 10)
 AMOUNT = 1_000_000
+LEDGER_BREAK = "(ledger total)/ledger_total_mismatch"
 
 
 def at(day: date, hour: int = 12) -> datetime:
@@ -101,6 +103,7 @@ class World:
         amount: int = AMOUNT,
         funder_id: str = "bank-a",
         reserve: bool = True,
+        settle: bool = True,
     ) -> int:
         """A disbursement with one attempt in `status`, its limits reserved; the attempt id."""
         platform = amount * 3 // 10 if funder_id == "bank-b" else 0
@@ -167,6 +170,11 @@ class World:
             if reserve:
                 assert await q.reserve(conn, q.funder_scope(funder_id), day, amount, 10**12)
                 assert await q.reserve(conn, q.PLATFORM_SCOPE, day, amount, 10**12)
+            # the journal as the gateway keeps it: reserved on acceptance, paid on success
+            txn_no = f"T{order_no}"
+            await ledger.reserve(conn, txn_no, funder_id, amount - platform, platform, day)
+            if status == "succeeded" and settle:
+                await ledger.settle(conn, txn_no, funder_id, amount, day)
         return attempt_id
 
     async def status(self, order_no: str) -> tuple[str, str]:
@@ -268,12 +276,14 @@ async def test_every_break_type_is_found_and_plain_matches_are_counted(world: Wo
         "TWICE/duplicate_at_bank": "open",
         "STRANGER/missing_at_gateway": "open",
         "NOWHERE/missing_at_bank": "open",
+        LEDGER_BREAK: "open",
     }
     assert breaks["STRANGER/missing_at_gateway"]["severity"] == "critical"
     assert breaks["AMT/amount_mismatch"]["bank_amount"] == AMOUNT - 1
     assert breaks["TWICE/duplicate_at_bank"]["bank_lines"] == 2
-    assert s.open == 6
+    assert s.open == 7
     assert {t: v.count for t, v in s.breaks.items() if v.count} == {
+        "ledger_total_mismatch": 1,
         "amount_mismatch": 1,
         "status_mismatch_bank_succeeded": 1,
         "status_mismatch_bank_failed": 1,
@@ -365,16 +375,102 @@ async def test_rerunning_a_day_updates_its_run_and_never_duplicates_breaks(world
         "A/amount_mismatch",
         "STRANGER/missing_at_gateway",
         "U/status_mismatch_bank_succeeded",
+        LEDGER_BREAK,  # the bank's total differs from the ledger's by the two breaks above
     }
+    ledger_break_id = breaks[LEDGER_BREAK]["id"]
 
     # a break the file no longer shows disappears; a resolved one keeps its resolution
     await resolve_break(w.svc, breaks["A/amount_mismatch"]["id"], "gateway_is_right", "ok", "ops")
     w.bank.days[D] = [line for line in w.bank.days[D] if line.order_no != "STRANGER"]
     third = await reconcile_day(w.svc, "bank-a", D, trigger="test")
     breaks = await w.breaks()
-    assert set(breaks) == {"A/amount_mismatch", "U/status_mismatch_bank_succeeded"}
+    assert set(breaks) == {"A/amount_mismatch", "U/status_mismatch_bank_succeeded", LEDGER_BREAK}
     assert breaks["A/amount_mismatch"]["status"] == "resolved"
-    assert third.summary.open == 0
+    assert breaks[LEDGER_BREAK]["id"] == ledger_break_id  # updated, never duplicated
+    assert breaks[LEDGER_BREAK]["evidence"]["unexplained"] == 1 - AMOUNT
+    assert third.summary.open == 1
+
+
+# ---------------------------------------------------------------- the ledger against the statement
+
+
+async def test_the_ledger_and_the_statement_agree_on_a_matching_day(world: World) -> None:
+    w = world  # window 3 days
+    await w.record("OK1", "succeeded")
+    w.bank.add(D, "OK1")
+    await w.record("NO", "failed")
+    w.bank.add(D, "NO", "failed")
+    await w.record("U", "unknown")  # paid: settled into the ledger by the run itself
+    w.bank.add(D, "U")
+    await w.record("LATE", "succeeded", day=D - timedelta(days=1))  # the day before's order
+    w.bank.add(D, "LATE")
+    await w.record("BACK", "succeeded")  # paid, then reversed by the bank: we say failed
+    async with w.pool.acquire() as conn:
+        await conn.execute("UPDATE attempts SET status = 'failed' WHERE order_no = 'BACK'")
+        await ledger.post(
+            conn, "disbursement.corrected_failed",
+            [(ledger.PAYOUTS, -AMOUNT), (ledger.funder_account("bank-a"), AMOUNT)],
+            day=D, txn_no="TBACK", funder_id="bank-a",
+        )  # fmt: skip
+    w.bank.add(D, "BACK", bank_ref="B1")
+    w.bank.add(D, "BACK", "reversed", bank_ref="B2")
+
+    result = await reconcile_day(w.svc, "bank-a", D, trigger="test")
+
+    assert result.ok, result.error
+    totals = result.summary.ledger
+    assert totals.to_json() == {
+        "ledger_paid": 2 * AMOUNT,  # OK1 and U; BACK paid and corrected
+        "statement_paid": 3 * AMOUNT,  # OK1, U, LATE; BACK paid and reversed
+        "other_days": AMOUNT,  # LATE belongs to the day before's comparison
+        "compared": 2 * AMOUNT,
+        "awaiting": 0,
+        "difference": 0,
+        "unexplained": 0,
+        "ok": True,
+    }
+    assert LEDGER_BREAK not in await w.breaks(result.run_id)
+    async with w.pool.acquire() as conn:
+        run = await rq.get_run(conn, result.run_id)
+    assert run is not None
+    assert run["summary"]["ledger"]["difference"] == 0
+
+
+async def test_a_payout_the_bank_does_not_list_makes_the_totals_differ(world: World) -> None:
+    await world.record("OK1", "succeeded")
+    world.bank.add(D, "OK1")
+    await world.record("GONE", "succeeded")  # settled in our ledger, not on the statement
+
+    # within the window the order may still come on a later statement: the difference is
+    # recorded and explained by it, nothing is raised yet
+    waiting = await reconcile_day(world.svc, "bank-a", D, trigger="test")
+    totals = waiting.summary.ledger
+    assert (totals.ledger_paid, totals.compared, totals.difference) == (2 * AMOUNT, AMOUNT, -AMOUNT)
+    assert (totals.awaiting, totals.unexplained) == (AMOUNT, 0)
+    assert LEDGER_BREAK not in await world.breaks()
+
+    # without a window the payout is simply not on the bank's statement: a critical break
+    w = with_window(world, 0)
+    result = await reconcile_day(w.svc, "bank-a", D, trigger="test")
+    assert result.run_id == waiting.run_id
+    totals = result.summary.ledger
+    assert (totals.difference, totals.awaiting, totals.unexplained) == (-AMOUNT, 0, -AMOUNT)
+    assert result.summary.breaks["ledger_total_mismatch"].count == 1
+    breaks = await w.breaks(result.run_id)
+    b = breaks[LEDGER_BREAK]
+    assert (b["status"], b["severity"], b["our_amount"], b["bank_amount"]) == (
+        "open", "critical", 2 * AMOUNT, AMOUNT,
+    )  # fmt: skip
+    assert b["evidence"]["difference"] == -AMOUNT
+    assert "GONE/missing_at_bank" in breaks
+
+    # a person finds the bank right: the payout is corrected in the ledger, and the next
+    # run of the day finds the totals equal and removes its open ledger break
+    await resolve_break(w.svc, breaks["GONE/missing_at_bank"]["id"], "bank_is_right", "n", "ops")
+    again = await reconcile_day(w.svc, "bank-a", D, trigger="test")
+    assert again.summary.ledger.ok
+    assert again.summary.ledger.ledger_paid == AMOUNT
+    assert LEDGER_BREAK not in await w.breaks(again.run_id)
 
 
 # ---------------------------------------------------------------- the cross-day window
@@ -471,6 +567,78 @@ async def test_a_bad_file_fails_the_run_with_its_line_and_applies_nothing(
     assert fixed.ok
     assert fixed.run_id == bad.run_id
     assert await w.status("U1") == ("succeeded", "succeeded")
+
+
+_HEAD = b"order_no,bank_ref,amount,status,finished_at\n"
+_OK = b"OK,R1,1000000,SUCCESS,2026-03-10T18:00:00+08:00\n"
+_U = b"U1,R2,1000000,FAILED,2026-03-10T18:00:00Z\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "fast"),
+    [
+        (_HEAD + _OK + _U, True),  # plain: COPYed as it is, checked in SQL
+        (_HEAD + _OK + b"U1,R2,1_000_000,FAILED,\n", True),  # an int() as PostgreSQL reads it
+        (_HEAD + _OK + b"U1,R2,x,FAILED,\n", False),
+        (_HEAD + _OK + b"U1,R2,1000000,FAILED,2026-03-10\n", False),
+        (_HEAD + _OK + b",R2,1000000,FAILED,\n", False),
+        (_HEAD + _OK + b'"U1","R2",1000000,"FAILED",\n', False),  # quoted: to the parser
+        (_HEAD + _OK + _U + b"ST,,5,REVERSED,\n", True),
+        (b"\xef\xbb\xbf" + _HEAD + _OK + _U, False),  # anything else goes to the parser
+        (_HEAD + _OK + b"\n" + _U, False),  # a blank line
+        (_HEAD.replace(b"\n", b"\r\n") + _OK.replace(b"\n", b"\r\n"), False),
+        (_HEAD + _OK + b"U1, R2 ,1000000,FAILED,2026-03-10T18:00:00\n", False),
+        (_HEAD + _OK + _U[:-1], False),  # truncated
+        (_HEAD + _OK + b"U1,R2,1000000,FAILED,2026-02-30T18:00:00+08:00\n", False),
+        (_HEAD + _OK + b"U1,R2,-5,FAILED,\n", False),
+        (_HEAD + _OK + b"U1,R2,1000000,PAID,\n", False),
+        (_HEAD + _OK + b"U1,R2,1000000,FAILED\n", False),
+        (_HEAD + _OK + b'U1,"R\n2",1000000,FAILED,\n', False),  # a field across lines
+        (_HEAD + _OK + b"U1,R\xff,1000000,FAILED,\n", False),  # not UTF-8
+        (_HEAD + _OK + b"U1,R\x002,1000000,FAILED,\n", False),
+        (b"order_no,bank_ref,amount,state,finished_at\n" + _OK, False),
+        (_HEAD, False),
+        (b"", False),
+        (_HEAD + _OK + _OK, True),  # a repeated line: refused in SQL either way
+    ],
+)
+async def test_a_sandbox_file_reads_the_same_on_the_fast_path_and_through_the_parser(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: bytes, fast: bool
+) -> None:
+    import gateway.reconcile as reconcile
+
+    w = with_window(world, 0, path=str(tmp_path / "{funder}-{day}.csv"))
+    await w.record("OK", "succeeded")
+    await w.record("U1", "failed")
+    (tmp_path / f"bank-a-{D}.csv").write_bytes(body)
+    taken: list[bool] = []
+    real = reconcile._copy_file_raw
+
+    async def spy(*args: Any) -> bool:
+        taken.append(await real(*args))
+        return taken[-1]
+
+    monkeypatch.setattr(reconcile, "_copy_file_raw", spy)
+    got = await reconcile_day(w.svc, "bank-a", D, trigger="test")
+    async with w.pool.acquire() as conn:
+        seen = [tuple(r) for r in await conn.fetch("SELECT * FROM recon_seen ORDER BY order_no")]
+    assert taken == [fast]
+
+    # the same file through the parser alone, after a clean slate
+    async def never(*args: Any) -> bool:
+        return False
+
+    monkeypatch.setattr(reconcile, "_copy_file_raw", never)
+    async with w.pool.acquire() as conn:
+        await conn.execute("TRUNCATE recon_runs, recon_breaks, recon_seen, recon_pending CASCADE")
+    want = await reconcile_day(w.svc, "bank-a", D, trigger="test")
+    async with w.pool.acquire() as conn:
+        seen_parser = [
+            tuple(r) for r in await conn.fetch("SELECT * FROM recon_seen ORDER BY order_no")
+        ]
+    assert (got.status, got.error) == (want.status, want.error)
+    assert got.summary.to_json() == want.summary.to_json()
+    assert seen == seen_parser
 
 
 @pytest.mark.parametrize(
