@@ -578,7 +578,9 @@ _U = b"U1,R2,1000000,FAILED,2026-03-10T18:00:00Z\n"
     ("body", "fast"),
     [
         (_HEAD + _OK + _U, True),  # plain: COPYed as it is, checked in SQL
-        (_HEAD + _OK + b"U1,R2,1_000_000,FAILED,\n", True),  # an int() as PostgreSQL reads it
+        # digits with underscores: PostgreSQL 16+ reads them as int() does, 15 refuses them and
+        # the parser takes over; either way the result must be the parser's
+        (_HEAD + _OK + b"U1,R2,1_000_000,FAILED,\n", None),
         (_HEAD + _OK + b"U1,R2,x,FAILED,\n", False),
         (_HEAD + _OK + b"U1,R2,1000000,FAILED,2026-03-10\n", False),
         (_HEAD + _OK + b",R2,1000000,FAILED,\n", False),
@@ -603,7 +605,7 @@ _U = b"U1,R2,1000000,FAILED,2026-03-10T18:00:00Z\n"
     ],
 )
 async def test_a_sandbox_file_reads_the_same_on_the_fast_path_and_through_the_parser(
-    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: bytes, fast: bool
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: bytes, fast: bool | None
 ) -> None:
     import gateway.reconcile as reconcile
 
@@ -622,7 +624,8 @@ async def test_a_sandbox_file_reads_the_same_on_the_fast_path_and_through_the_pa
     got = await reconcile_day(w.svc, "bank-a", D, trigger="test")
     async with w.pool.acquire() as conn:
         seen = [tuple(r) for r in await conn.fetch("SELECT * FROM recon_seen ORDER BY order_no")]
-    assert taken == [fast]
+    if fast is not None:
+        assert taken == [fast]
 
     # the same file through the parser alone, after a clean slate
     async def never(*args: Any) -> bool:
