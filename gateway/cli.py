@@ -11,6 +11,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import structlog
@@ -145,12 +146,70 @@ def cmd_sandbox_bank(args: argparse.Namespace) -> int:
 
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
+    if args.protocol != "sandbox":
+        return _other_sandbox_bank(args, settings)
     try:
         opts = options_from_args(args)
     except ValueError as e:
         print(f"sandbox-bank: {e}", file=sys.stderr)  # noqa: T201
         return 2
     asyncio.run(run_bank(opts, host=args.host, port=args.port))
+    return 0
+
+
+def _other_sandbox_bank(args: argparse.Namespace, settings: Settings) -> int:
+    """A simulated bank speaking `signed_json` or `iso20022`, described by the funder's own
+    `connector_options` in FUNDGATE_CONFIG (paths, mappings, secrets)."""
+    cfg = _load(settings)
+    funder = cfg.funder(args.funder_id)
+    if funder is None or funder.connector != args.protocol:
+        print(  # noqa: T201
+            f"sandbox-bank: no funder {args.funder_id!r} with connector {args.protocol!r} "
+            f"in {settings.config_path}",
+            file=sys.stderr,
+        )
+        return 2
+    faults = {
+        "callback_url": args.callback_url,
+        "seed": args.seed or 0,
+        "reject_rate": args.reject_rate,
+        "error_rate": args.error_rate,
+        "timeout_rate": args.timeout_rate,
+        "settle_ms": args.settle_ms,
+    }
+    stop = asyncio.Event()
+
+    async def serve(runner: Any) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await runner
+
+    try:
+        if args.protocol == "iso20022":
+            from connectors.iso20022 import sandbox as iso_bank
+            from connectors.iso20022.wire import parse_options as iso_options
+
+            o = iso_options(funder.connector_options)
+            iso_opts = iso_bank.IsoBankOptions(
+                secret=o.secret.get_secret_value(), upload_path=o.upload_path,
+                status_path=o.status_path, statement_path=o.statement_path, **faults,
+            )  # fmt: skip
+            asyncio.run(serve(iso_bank.run_bank(iso_opts, host=args.host, port=args.port,
+                                                stop=stop)))  # fmt: skip
+        else:
+            from connectors.signed_json import sandbox as sj_bank
+            from connectors.signed_json.wire import parse_options as sj_options
+
+            sj_opts = sj_bank.SignedJsonBankOptions(
+                wire=sj_options(funder.connector_options), statement=funder.statement,
+                fail_rate=args.fail_rate, **faults,
+            )  # fmt: skip
+            asyncio.run(serve(sj_bank.run_bank(sj_opts, host=args.host, port=args.port,
+                                               stop=stop)))  # fmt: skip
+    except ValueError as e:
+        print(f"sandbox-bank: {e}", file=sys.stderr)  # noqa: T201
+        return 2
     return 0
 
 
@@ -289,11 +348,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("sandbox-bank", help="run one simulated bank")
     add_arguments(b)
+    b.add_argument(
+        "--protocol",
+        choices=["sandbox", "signed_json", "iso20022"],
+        default="sandbox",
+        help="the wire protocol; signed_json/iso20022 take the funder's connector_options "
+        "from FUNDGATE_CONFIG",
+    )
     b.set_defaults(func=cmd_sandbox_bank)
 
     d = sub.add_parser("demo", help="run the whole path end to end and print a summary")
     d.add_argument("--count", type=int, default=200)
     d.add_argument("--keep-running", action="store_true")
+    d.add_argument(
+        "--funders",
+        choices=["sandbox", "iso"],
+        default="sandbox",
+        help="sandbox: the default config's banks; iso: the same funders over ISO 20022",
+    )
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("migrate", help="apply database migrations, then exit")

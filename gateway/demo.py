@@ -16,6 +16,7 @@ import hmac
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -82,14 +83,16 @@ class Receiver:
 
 @contextlib.contextmanager
 def _banks(
-    cfg: FileConfig, gateway_url: str, log_dir: Path
-) -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
+    cfg: FileConfig, gateway_url: str, log_dir: Path, config_path: Path
+) -> Iterator[list[Proc]]:
+    procs: list[Proc] = []
+    env = {**os.environ, "FUNDGATE_CONFIG": str(config_path)}
     try:
         for i, f in enumerate(cfg.funders):
             opts = f.connector_options
             cmd = [
                 sys.executable, "-m", "gateway.cli", "sandbox-bank",
+                "--protocol", f.connector,
                 "--port", str(_port(str(opts["base_url"]))),
                 "--funder-id", f.id,
                 "--callback-url", f"{gateway_url}/v1/callbacks/{f.id}",
@@ -98,7 +101,7 @@ def _banks(
                 *BANK_FAULTS.get(f.id, []),
             ]  # fmt: skip
             log = open(log_dir / f"{f.id}.log", "wb")
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
         yield procs
     finally:
         for p in procs:
@@ -307,7 +310,7 @@ async def _main(args: argparse.Namespace, cfg: FileConfig, url: str, console: Co
             await _wait_up(
                 client,
                 [f"{cfg.gateway.public_url}/readyz"]
-                + [f"{f.connector_options['base_url']}/_sandbox/health" for f in cfg.funders],
+                + [f"{f.connector_options['base_url']}/_sandbox/payouts" for f in cfg.funders],
             )
         code = await _drive(cfg, args.count, console, receiver)
         from gateway.api import SERVICES
@@ -328,12 +331,28 @@ async def _main(args: argparse.Namespace, cfg: FileConfig, url: str, console: Co
         await hook_runner.cleanup()
 
 
+def _iso_config(text: str) -> str:
+    """The config with every sandbox funder switched to the iso20022 connector."""
+    text = text.replace('connector = "sandbox"', 'connector = "iso20022"')
+    return re.sub(
+        r'(\[funders\.connector_options\]\nbase_url = "[^"]*"\nsecret = "[^"]*"\n)',
+        r'\1debtor_name = "Fundgate Platform"\ndebtor_account = "CN0000000000000000001"\n'
+        r'debtor_agent_bic = "ICBKCNBJ"\n',
+        text,
+    )
+
+
 def run_demo(args: argparse.Namespace) -> int:
     settings = Settings()
     console = Console(width=None if sys.stdout.isatty() else 132)
     work = Path(tempfile.mkdtemp(prefix="fundgate-demo-"))
     configure_logging(settings.log_format, "warning", stream=open(work / "gateway.log", "w"))
-    base = load_config(settings.config_path)
+    config_path = settings.config_path
+    if args.funders == "iso":
+        # the same funders, speaking ISO 20022 (pain.001 / pain.002 / camt.053) to their banks
+        config_path = work / "iso.toml"
+        config_path.write_text(_iso_config(settings.config_path.read_text(encoding="utf-8")))
+    base = load_config(config_path)
     cfg = base.model_copy(update={"dispatch": base.dispatch.model_copy(update=FAST_DISPATCH)})
     console.print(f"[bold]fundgate demo[/bold]: {args.count} disbursements; logs in {work}")
     embedded: EmbeddedPostgres | None = None
@@ -345,7 +364,7 @@ def run_demo(args: argparse.Namespace) -> int:
             embedded = EmbeddedPostgres(work / "db", durable=False)
             with console.status("starting embedded PostgreSQL"):
                 url = embedded.start()
-        with _banks(cfg, cfg.gateway.public_url.rstrip("/"), work):
+        with _banks(cfg, cfg.gateway.public_url.rstrip("/"), work, config_path):
             return asyncio.run(_main(args, cfg, url, console))
     finally:
         if embedded is not None:
