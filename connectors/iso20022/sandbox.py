@@ -17,16 +17,16 @@ import itertools
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Literal
+from typing import Literal
 from zoneinfo import ZoneInfo
 
 import aiohttp
 from aiohttp import web
 
 from connectors.iso20022 import wire
+from connectors.simbank import SimulatedBank, mount, serve
 
 State = Literal["accepted", "succeeded", "failed", "rejected"]
 _CODES: dict[State, tuple[str, str | None]] = {
@@ -64,15 +64,13 @@ class _Order:
     finished_at: datetime | None = None
 
 
-class IsoBank:
+class IsoBank(SimulatedBank):
     def __init__(self, opts: IsoBankOptions) -> None:
+        super().__init__(callback_timeout=5.0)
         self.opts = opts
         self.rng = random.Random(opts.seed)
         self.zone = ZoneInfo(opts.timezone)
         self.orders: dict[str, _Order] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.closing = asyncio.Event()
-        self.session: aiohttp.ClientSession | None = None
         self._refs = itertools.count(1)
 
     async def upload(self, request: web.Request) -> web.StreamResponse:
@@ -203,24 +201,6 @@ class IsoBank:
                 pass
             await asyncio.sleep(0.1 * 2**attempt)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def start(self) -> None:
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
-
-    async def stop(self) -> None:
-        self.closing.set()
-        tasks = list(self.tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
-
 
 BANK = web.AppKey("iso20022_bank", IsoBank)
 
@@ -230,16 +210,7 @@ def create_bank_app(opts: IsoBankOptions) -> web.Application:
     app = web.Application()
     app[BANK] = bank
 
-    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
-        await bank.start()
-        yield
-        await bank.stop()
-
-    async def on_shutdown(_app: web.Application) -> None:
-        bank.closing.set()
-
-    app.cleanup_ctx.append(lifecycle)
-    app.on_shutdown.append(on_shutdown)
+    mount(app, bank)
     app.router.add_post(opts.upload_path, bank.upload)
     app.router.add_get(opts.status_path, bank.status)
     app.router.add_get(opts.statement_path, bank.statement)
@@ -250,11 +221,5 @@ def create_bank_app(opts: IsoBankOptions) -> web.Application:
 async def run_bank(
     opts: IsoBankOptions, *, host: str = "127.0.0.1", port: int, stop: asyncio.Event
 ) -> None:
-    """Serve the bank until `stop` is set (what `fundgate sandbox-bank --protocol` would run)."""
-    runner = web.AppRunner(create_bank_app(opts), access_log=None, shutdown_timeout=2.0)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    """Serve the bank until `stop` is set (`fundgate sandbox-bank --protocol iso20022`)."""
+    await serve(create_bank_app(opts), host=host, port=port, stop=stop)

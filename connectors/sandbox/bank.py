@@ -29,7 +29,6 @@ import re
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Literal
@@ -41,6 +40,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from connectors.sandbox import wire
+from connectors.simbank import SimulatedBank, mount
 
 log = structlog.get_logger("fundgate.sandbox_bank")
 
@@ -180,18 +180,16 @@ class _Draws:
     callback_duplicated: bool
 
 
-class SandboxBank:
+class SandboxBank(SimulatedBank):
     """The state and behaviour behind one sandbox bank app (see the module docstring)."""
 
     def __init__(self, opts: BankOptions, seed: int) -> None:
+        super().__init__(callback_timeout=CALLBACK_TIMEOUT_SECONDS)
         self.opts = opts
         self.seed = seed
         self.rng = random.Random(seed)
         self.zone = ZoneInfo(opts.timezone)
         self.orders: dict[str, _Order] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.closing = asyncio.Event()
-        self.session: aiohttp.ClientSession | None = None
         self._refs = itertools.count(1)
 
     # --- handlers ---------------------------------------------------------------------
@@ -396,11 +394,6 @@ class SandboxBank:
                 delay *= 2
         log.warning("sandbox_bank.callback.gave_up", order_no=order.order_no)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
     # --- helpers ----------------------------------------------------------------------
 
     def _verify(self, request: web.Request, body: bytes) -> web.Response | None:
@@ -428,23 +421,8 @@ class SandboxBank:
         await self.closing.wait()
 
     async def start(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=CALLBACK_TIMEOUT_SECONDS)
-        self.session = aiohttp.ClientSession(timeout=timeout)
+        await super().start()
         log.info("sandbox_bank.started", funder_id=self.opts.funder_id, seed=self.seed)
-
-    def begin_shutdown(self) -> None:
-        """Release never-answered requests; called before the server waits for handlers."""
-        self.closing.set()
-
-    async def stop(self) -> None:
-        self.closing.set()
-        tasks = list(self.tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
 
 
 BANK = web.AppKey("sandbox_bank", SandboxBank)
@@ -461,17 +439,7 @@ def create_bank_app(opts: BankOptions) -> web.Application:
     app = web.Application()
     app[BANK] = bank
 
-    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
-        await bank.start()
-        yield
-        await bank.stop()
-
-    async def on_shutdown(_app: web.Application) -> None:
-        # Runs before the server waits for open handlers: release the never-answered ones.
-        bank.begin_shutdown()
-
-    app.cleanup_ctx.append(lifecycle)
-    app.on_shutdown.append(on_shutdown)
+    mount(app, bank)
     app.router.add_post("/api/payouts", bank.create_payout)
     app.router.add_get("/api/payouts/{order_no}", bank.get_payout)
     app.router.add_get("/api/statements/{day}", bank.get_statement)

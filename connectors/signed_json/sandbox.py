@@ -17,12 +17,11 @@ A 500 answer is an HTML page, as a real bank's load balancer sends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Literal
@@ -34,6 +33,7 @@ from aiohttp import web
 
 from config.models import StatementConfig
 from connectors.signed_json import wire
+from connectors.simbank import SimulatedBank, mount, serve
 
 log = structlog.get_logger("fundgate.signed_json_bank")
 
@@ -87,17 +87,15 @@ def bank_signer(opts: SignedJsonBankOptions) -> wire.Signer:
     )
 
 
-class SignedJsonBank:
+class SignedJsonBank(SimulatedBank):
     def __init__(self, opts: SignedJsonBankOptions) -> None:
+        super().__init__(callback_timeout=CALLBACK_TIMEOUT_SECONDS)
         self.opts = opts
         self.w = opts.wire
         self.signer = bank_signer(opts)
         self.rng = random.Random(opts.seed)
         self.zone = ZoneInfo(opts.timezone)
         self.orders: dict[str, _Order] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.closing = asyncio.Event()
-        self.session: aiohttp.ClientSession | None = None
         self._refs = itertools.count(1)
         self.words = {
             "accepted": self._word("accepted") or self._word("processing"),
@@ -266,11 +264,6 @@ class SignedJsonBank:
             await asyncio.sleep(delay)
             delay *= 2
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
     # --- helpers ----------------------------------------------------------------------
 
     def sign(self, fields: Mapping[str, Any]) -> tuple[bytes, dict[str, str]]:
@@ -289,21 +282,6 @@ class SignedJsonBank:
             return self._answer({"error": e.reason}, 401)
         return None
 
-    async def start(self) -> None:
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=CALLBACK_TIMEOUT_SECONDS)
-        )
-
-    async def stop(self) -> None:
-        self.closing.set()
-        tasks = list(self.tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
-
 
 BANK = web.AppKey("signed_json_bank", SignedJsonBank)
 
@@ -314,16 +292,7 @@ def create_bank_app(opts: SignedJsonBankOptions) -> web.Application:
     app = web.Application()
     app[BANK] = bank
 
-    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
-        await bank.start()
-        yield
-        await bank.stop()
-
-    async def on_shutdown(_app: web.Application) -> None:
-        bank.closing.set()
-
-    app.cleanup_ctx.append(lifecycle)
-    app.on_shutdown.append(on_shutdown)
+    mount(app, bank)
     # aiohttp's route placeholders use the same `{name}` syntax as the endpoint templates
     ep = opts.wire.endpoints
     app.router.add_post(ep.create, bank.create_payout)
@@ -336,13 +305,6 @@ def create_bank_app(opts: SignedJsonBankOptions) -> web.Application:
 async def run_bank(
     opts: SignedJsonBankOptions, *, host: str = "127.0.0.1", port: int, stop: asyncio.Event
 ) -> None:
-    """Serve the bank until `stop` is set (what `fundgate sandbox-bank --protocol` would run)."""
-    runner = web.AppRunner(create_bank_app(opts), access_log=None, shutdown_timeout=2.0)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-        log.info("signed_json_bank.listening", addresses=[str(a) for a in runner.addresses])
-        with contextlib.suppress(asyncio.CancelledError):
-            await stop.wait()
-    finally:
-        await runner.cleanup()
+    """Serve the bank until `stop` is set (`fundgate sandbox-bank --protocol signed_json`)."""
+    log.info("signed_json_bank.listening", host=host, port=port)
+    await serve(create_bank_app(opts), host=host, port=port, stop=stop)
