@@ -21,7 +21,7 @@ from connectors.errors import NotSent, OutcomeUnknown, Rejected
 from gateway import pii, states
 from gateway.context import Services
 from gateway.metrics import ConnectorOutcome
-from gateway.outcomes import apply_bank_status, fail_over, move, query_delay
+from gateway.outcomes import BANK_TO_STATE, apply_bank_status, fail_over, move, query_delay
 from gateway.store import queries as q
 
 log = structlog.get_logger("fundgate.dispatcher")
@@ -249,21 +249,13 @@ class Dispatcher(_Loop):
         """Apply a disburse outcome; False when the outbox row should be retried later."""
         svc = self.svc
         if isinstance(result, PayoutResult):
-            new = {
-                BankStatus.ACCEPTED: "sent",
-                BankStatus.PROCESSING: "processing",
-                BankStatus.SUCCEEDED: "succeeded",
-                BankStatus.FAILED: "failed",
-            }.get(result.status, "unknown")
-            if new == "sent" and a["status"] == "unknown":
-                new = "processing"  # a re-send after an unknown: the bank has the order now
-            if new == "failed":
+            if result.status in BANK_TO_STATE:
                 await apply_bank_status(
                     conn, svc, a, result.status, bank_ref=result.bank_ref,
                     fail_code=result.fail_code, fail_reason=result.fail_reason, source="dispatch",
                 )  # fmt: skip
-            else:
-                await move(conn, svc, a, new, bank_ref=result.bank_ref, source="dispatch")
+            else:  # an answer the mapping does not know: only a query can tell
+                await move(conn, svc, a, "unknown", bank_ref=result.bank_ref, source="dispatch")
             return True
         if isinstance(result, Rejected):
             err = {**_error(result), "pre_execution": result.pre_execution}
@@ -335,18 +327,10 @@ class Poller(_Loop):
             if a is None or a["status"] not in states.QUERYABLE:
                 return
             moved = False
-            if result is not None and result.status in (
-                BankStatus.ACCEPTED,
-                BankStatus.PROCESSING,
-                BankStatus.SUCCEEDED,
-                BankStatus.FAILED,
-            ):
-                status = result.status
-                if status == BankStatus.ACCEPTED and a["status"] == "unknown":
-                    status = BankStatus.PROCESSING
+            if result is not None and result.status in BANK_TO_STATE:
                 moved = await apply_bank_status(
-                    conn, svc, a, status, bank_ref=result.bank_ref, fail_code=result.fail_code,
-                    fail_reason=result.fail_reason, source="query",
+                    conn, svc, a, result.status, bank_ref=result.bank_ref,
+                    fail_code=result.fail_code, fail_reason=result.fail_reason, source="query",
                 )  # fmt: skip
             elif result is not None and result.status == BankStatus.NOT_FOUND:
                 # the bank never executed it: re-send the same order number (idempotent there)

@@ -137,6 +137,8 @@ async def apply_bank_status(
     new = BANK_TO_STATE.get(status)
     if new is None:
         return False
+    if new == "sent" and a["status"] == "unknown":
+        new = "processing"  # the bank has the order after all: it is working on it
     error = None
     if new == "failed":
         error = {"code": fail_code or "bank_failed", "message": fail_reason or "failed at bank"}
