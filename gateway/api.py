@@ -46,9 +46,6 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0"
 
-# banks sign a callback at most this long before we see it (CONTRACT.md: ±300 s)
-NONCE_RETENTION_SECONDS = 900
-
 
 def _svc(request: web.Request) -> Services:
     return request.app[SERVICES]

@@ -35,7 +35,6 @@ from gateway.vouchers import run_sealer
 log = structlog.get_logger("fundgate.app")
 
 Role = Literal["all", "api", "worker"]
-WORKERS = web.AppKey("workers", list)
 
 
 def create_app(
@@ -135,7 +134,6 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
         ),
         asyncio.create_task(run_scheduler(svc, stop), name="reconciliation"),
     ]
-    app[WORKERS] = [dispatcher, poller, notifier]
     log.info("workers.started")
     try:
         yield

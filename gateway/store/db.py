@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 
@@ -100,7 +99,3 @@ async def database_url(settings: Settings) -> AsyncIterator[str]:
         yield url
     finally:
         embedded.stop()
-
-
-def jsonable(row: Any) -> Any:
-    return json.loads(json.dumps(row, default=str))

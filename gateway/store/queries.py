@@ -243,36 +243,27 @@ async def attempts_of(conn: Conn, disbursement_ids: list[int]) -> dict[int, list
     return out
 
 
+# an attempt with what dispatch and the state machine need of its disbursement
+_ATTEMPT = """
+    SELECT a.*, d.txn_no, d.amount, d.currency, d.business_day, d.status AS d_status,
+           d.payee_account_no_enc, d.payee_account_name_enc, d.payee_bank_code
+      FROM attempts a JOIN disbursements d ON d.id = a.disbursement_id
+     WHERE a.id = $1
+"""
+
+
 async def lock_attempt(conn: Conn, attempt_id: int) -> asyncpg.Record | None:
     """The attempt and its disbursement, both locked for this transaction."""
-    return await conn.fetchrow(
-        """
-        SELECT a.*, d.txn_no, d.amount, d.currency, d.business_day, d.status AS d_status,
-               d.payee_account_no_enc, d.payee_account_name_enc, d.payee_bank_code,
-               d.amount AS d_amount
-          FROM attempts a JOIN disbursements d ON d.id = a.disbursement_id
-         WHERE a.id = $1
-           FOR UPDATE OF a, d
-        """,
-        attempt_id,
-    )
+    return await conn.fetchrow(_ATTEMPT + " FOR UPDATE OF a, d", attempt_id)
+
+
+async def load_attempt(conn: Conn, attempt_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(_ATTEMPT, attempt_id)
 
 
 async def attempt_by_order(conn: Conn, order_no: str) -> asyncpg.Record | None:
     return await conn.fetchrow(
         "SELECT id, funder_id, status FROM attempts WHERE order_no = $1", order_no
-    )
-
-
-async def load_attempt(conn: Conn, attempt_id: int) -> asyncpg.Record | None:
-    return await conn.fetchrow(
-        """
-        SELECT a.*, d.txn_no, d.amount, d.currency, d.business_day, d.status AS d_status,
-               d.payee_account_no_enc, d.payee_account_name_enc, d.payee_bank_code
-          FROM attempts a JOIN disbursements d ON d.id = a.disbursement_id
-         WHERE a.id = $1
-        """,
-        attempt_id,
     )
 
 
