@@ -87,6 +87,12 @@ from tests.e2e.harness import (
     run_stack,
 )
 
+# a scope's usage at one instant: the sum over its buckets, in one statement (one snapshot)
+USAGE = (
+    "SELECT scope, business_day, sum(used)::bigint AS used FROM limit_usage"
+    " GROUP BY scope, business_day"
+)
+
 # Amounts drawn for the workload, in fen: the product's floor (3,000 CNY) up to 30,000 CNY.
 MIN_AMOUNT = 300_000
 MAX_AMOUNT = 3_000_000
@@ -678,7 +684,7 @@ class LimitWatch:
         try:
             while not stop.is_set():
                 with contextlib.suppress(asyncpg.PostgresError, OSError):
-                    for r in await conn.fetch("SELECT scope, business_day, used FROM limit_usage"):
+                    for r in await conn.fetch(USAGE):
                         key = (r["scope"], r["business_day"])
                         self.peak[key] = max(self.peak.get(key, 0), r["used"])
                     for r in await conn.fetch("SELECT funder_id, balance FROM prefund"):
@@ -732,10 +738,7 @@ async def read_database(conn: asyncpg.Connection) -> dict[str, Any]:
         row = dict(r)
         row["failure"] = _json_field(row["failure"])
         disbursements[r["txn_no"]] = row
-    usage = {
-        (r["scope"], r["business_day"]): r["used"]
-        for r in await conn.fetch("SELECT scope, business_day, used FROM limit_usage")
-    }
+    usage = {(r["scope"], r["business_day"]): r["used"] for r in await conn.fetch(USAGE)}
     prefund = {
         r["funder_id"]: r["balance"]
         for r in await conn.fetch("SELECT funder_id, balance FROM prefund")

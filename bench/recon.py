@@ -124,8 +124,8 @@ async def prepare(url: str, n: int, statement: Path, seed: int = 7) -> dict[str,
         await conn.executemany("UPDATE attempts SET status = $2 WHERE id = $1", odd)
         await conn.executemany("UPDATE disbursements SET status = $2 WHERE id = $1", odd)
         await conn.execute(
-            "INSERT INTO limit_usage (scope, business_day, used) VALUES"
-            " ($1, $3, $2), ('platform', $3, $2)",
+            "INSERT INTO limit_usage (scope, business_day, used, share) VALUES"
+            " ($1, $3, $2, $2), ('platform', $3, $2, $2)",
             f"funder:{FUNDER}",
             sum(100000 + i % 1000 for i in range(1, n + 1)),
             DAY,

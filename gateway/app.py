@@ -109,15 +109,22 @@ async def _listen(svc: Services, dispatcher: Dispatcher, stop: asyncio.Event) ->
 
 
 async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
-    """Every role refreshes the database gauges, so an api-only process exports them too."""
+    """Every role refreshes the database gauges, so an api-only process exports them too,
+    and sends intake's dispatch wake-ups."""
+    svc = app[SERVICES]
     stop = asyncio.Event()
-    task = asyncio.create_task(housekeeping.run(app[SERVICES], stop), name="housekeeping")
+    tasks = [
+        asyncio.create_task(housekeeping.run(svc, stop), name="housekeeping"),
+        asyncio.create_task(svc.wakeups.run(svc.pool, stop), name="wakeups"),
+    ]
     try:
         yield
     finally:
         stop.set()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await svc.wakeups.flush(svc.pool)  # what intake accepted last still wakes someone
 
 
 async def _workers(app: web.Application) -> AsyncIterator[None]:

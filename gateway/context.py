@@ -19,6 +19,7 @@ from gateway.crypto import Vault
 from gateway.errors import Unavailable
 from gateway.metrics import Metrics
 from gateway.store import queries as q
+from gateway.wakeups import Wakeups
 
 # intake may see a circuit change this much later than the process that made it
 CIRCUIT_CACHE_SECONDS = 1.0
@@ -43,6 +44,7 @@ class Services:
     funders: dict[str, Funder] = field(init=False)
     breakers: dict[str, Breaker] = field(init=False)
     vault: Vault = field(init=False)
+    wakeups: Wakeups = field(default_factory=Wakeups)
     _circuits: tuple[float, dict[str, str]] = field(init=False, default=(-1.0, {}))
 
     def __post_init__(self) -> None:
@@ -77,6 +79,10 @@ class Services:
             states = await q.circuits(conn)
             self._circuits = (now, states)
         return states
+
+    def wake_dispatch(self, funder_id: str) -> None:
+        """Committed dispatch work for `funder_id`: wake the dispatchers (soon, coalesced)."""
+        self.wakeups.wake(funder_id)
 
     def business_day(self, at: datetime | None = None) -> date:
         return business_day(self.cfg, at or self.clock())

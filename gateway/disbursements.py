@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -10,12 +12,13 @@ import asyncpg
 import structlog
 
 from config.models import Funder
-from gateway import ledger, pii
+from gateway import ledger, limits, pii
 from gateway.context import Services
 from gateway.errors import Conflict, Unprocessable
 from gateway.schemas import DisbursementRequest
 from gateway.store import queries as q
 from routing import FunderState, LoanTerms, Refusal, allocate, candidates, check_loan
+from routing.allocation import Allocation
 from routing.eligibility import all_limit_refusals
 
 log = structlog.get_logger("fundgate.intake")
@@ -30,7 +33,11 @@ def iso(ts: datetime) -> str:
     return ts.isoformat().replace("+00:00", "Z")
 
 
-def render(d: asyncpg.Record, attempts: list[asyncpg.Record]) -> dict[str, Any]:
+# a database row, or the same columns as a dict (intake renders before it writes)
+Row = asyncpg.Record | Mapping[str, Any]
+
+
+def render(d: Row, attempts: Sequence[Row]) -> dict[str, Any]:
     """The API resource of CONTRACT.md; personal data masked."""
     return {
         "txn_no": d["txn_no"],
@@ -96,39 +103,61 @@ def refusal_details(refusals: list[Refusal]) -> dict[str, Any]:
     return {"funders": {r.funder_id: {"reason": r.reason, "message": r.message} for r in refusals}}
 
 
-async def reserve_for(
-    conn: q.Conn, funder: Funder, day: date, amount: int, platform_amount: int
-) -> bool:
-    """Reserve the funder's daily limit and, for co-lending, the platform's prefund there."""
-    if not await q.reserve(conn, q.funder_scope(funder.id), day, amount, funder.daily_limit):
-        return False
-    if platform_amount and not await q.take_prefund(conn, funder.id, platform_amount):
-        await q.release(conn, q.funder_scope(funder.id), day, amount)
-        return False
-    return True
+# SQLSTATEs raised by fg_intake (migration 0011)
+PLATFORM_LIMIT = "FG001"
+ALL_REFUSED = "FG002"
+# a deadlock (two intakes near their limits taking funders in opposite orders) is retried
+DEADLOCK_RETRIES = 3
 
 
-async def _replay(conn: q.Conn, req: DisbursementRequest, digest: bytes) -> Outcome | None:
-    existing = await q.find_by_txn(conn, req.txn_no)
-    if existing is None:
-        return None
-    if bytes(existing["request_hash"]) != digest:
+async def _look_up(
+    conn: q.Conn, svc: Services, req: DisbursementRequest, day: date
+) -> asyncpg.Record:
+    """Everything intake reads, in one statement: an earlier use of the txn_no, the payee's
+    whitelist entry, today's usage per scope and the prefund balances."""
+    row = await conn.fetchrow(
+        """
+        SELECT d.request_hash, d.first_response, a.bank_code, a.account_name_enc,
+               (SELECT jsonb_object_agg(scope, used) FROM
+                  (SELECT scope, sum(used) AS used FROM limit_usage
+                    WHERE business_day = $4 GROUP BY scope) AS u) AS usage,
+               (SELECT jsonb_object_agg(funder_id, balance) FROM prefund) AS prefund
+          FROM (VALUES (1)) AS one
+          LEFT JOIN disbursements d ON d.txn_no = $1
+          LEFT JOIN borrower_accounts a ON a.borrower_id = $2 AND a.account_bidx = $3
+        """,
+        req.txn_no,
+        req.borrower_id,
+        pii.account_index(svc.vault, req.payee.account_no),
+        day,
+    )
+    assert row is not None
+    return row
+
+
+def _replay(req: DisbursementRequest, digest: bytes, request_hash: bytes, body: Any) -> Outcome:
+    if bytes(request_hash) != digest:
         raise Conflict(
             "txn_no_conflict",
             f"txn_no {req.txn_no} was already used with a different request",
         )
-    body = existing["first_response"]
-    if body is None:  # pragma: no cover - written in the same transaction as the row
-        body = await load_resource(conn, existing["id"])
     return Outcome(200, body, replay=True)
 
 
+def _hex(b: bytes) -> str:
+    return "\\x" + b.hex()
+
+
 async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcome:
+    """Validate, route and accept in two statements: one read, then `fg_intake`, which
+    reserves the limits and writes everything of the acceptance in one short transaction."""
     digest = svc.vault.keyed_digest(req.canonical_bytes())
+    now = svc.clock()
+    day = svc.business_day(now)
     async with svc.db() as conn:
-        replay = await _replay(conn, req, digest)
-        if replay is not None:
-            return replay
+        seen = await _look_up(conn, svc, req, day)
+        if seen["request_hash"] is not None:
+            return _replay(req, digest, seen["request_hash"], seen["first_response"])
 
         loan = LoanTerms(
             amount=req.amount,
@@ -141,28 +170,20 @@ async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcom
         if violation is not None:
             raise Unprocessable(violation.code, violation.message)
 
-        account = await q.get_account(
-            conn, req.borrower_id, pii.account_index(svc.vault, req.payee.account_no)
-        )
         if (
-            account is None
-            or account["bank_code"] != req.payee.bank_code
-            or pii.account_name(svc.vault, account) != req.payee.account_name
+            seen["bank_code"] != req.payee.bank_code
+            or pii.account_name(svc.vault, seen) != req.payee.account_name
         ):
             raise Unprocessable(
                 "payee_not_whitelisted",
                 "the payee account is not registered for this borrower",
             )
 
-        now = svc.clock()
-        day = svc.business_day(now)
-        usage = await q.usage(conn, day)
-        prefund = await q.prefund_balances(conn)
         circuits = await svc.circuits(conn)
         order, refusals = candidates(
             svc.cfg.funders,
             loan,
-            funder_states(svc, usage, prefund, circuits),
+            funder_states(svc, seen["usage"] or {}, seen["prefund"] or {}, circuits),
             hint=req.funder_hint,
         )
         if not order:
@@ -170,106 +191,29 @@ async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcom
             raise Unprocessable(code, "no funder can take this disbursement",
                                 details=refusal_details(refusals))  # fmt: skip
 
-        first = order[0]
-        first_alloc = allocate(req.amount, first.platform_share)
-        async with conn.transaction():
-            did = await q.insert_disbursement(
-                conn,
-                {
-                    "txn_no": req.txn_no,
-                    "request_hash": digest,
-                    "client": client,
-                    "loan_id": req.loan_id,
-                    "borrower_id": req.borrower_id,
-                    "amount": req.amount,
-                    "currency": req.currency,
-                    "term_unit": req.term.unit,
-                    "term_count": req.term.count,
-                    "apr": req.apr_decimal,
-                    "product": req.product,
-                    "repayment": req.repayment,
-                    **pii.payee_columns(svc.vault, req.payee.account_no, req.payee.account_name),
-                    "payee_bank_code": req.payee.bank_code,
-                    "metadata": req.metadata,
-                    "status": "accepted",
-                    "funder_id": first.id,
-                    "mode": first.mode,
-                    "alloc_funder": first_alloc.funder,
-                    "alloc_platform": first_alloc.platform,
-                    "business_day": day,
-                    "created_at": now,
-                    "updated_at": now,
-                },
-            )
-            chosen: Funder | None = None
-            if did is not None:
-                if not await q.reserve(
-                    conn, q.PLATFORM_SCOPE, day, req.amount, svc.cfg.gateway.platform_daily_limit
-                ):
-                    raise Unprocessable(
-                        "limit_exceeded",
-                        "the platform daily limit would be exceeded",
-                        details={"scope": "platform"},
-                    )
-                for f in order:
-                    alloc = allocate(req.amount, f.platform_share)
-                    if await reserve_for(conn, f, day, req.amount, alloc.platform):
-                        chosen = f
-                        if f is not first:
-                            await q.route_disbursement(
-                                conn, did, funder_id=f.id, mode=f.mode, alloc_funder=alloc.funder,
-                                alloc_platform=alloc.platform, now=now,
-                            )  # fmt: skip
-                        break
-                    refusals.append(Refusal(f.id, "daily_limit", "limit taken concurrently"))
-                if chosen is None:
-                    raise Unprocessable(
-                        "limit_exceeded",
-                        "every eligible funder's limit was taken concurrently",
-                        details=refusal_details(refusals),
-                    )
-                alloc = allocate(req.amount, chosen.platform_share)
-                attempt_id = await q.insert_attempt(
-                    conn,
-                    {
-                        "disbursement_id": did,
-                        "n": 1,
-                        "funder_id": chosen.id,
-                        "order_no": order_no(req.txn_no, 1),
-                        "status": "accepted",
-                        "mode": chosen.mode,
-                        "alloc_funder": alloc.funder,
-                        "alloc_platform": alloc.platform,
-                        "created_at": now,
-                        "updated_at": now,
-                    },
+        plan = _Plan(svc, req, digest, client, now, day, order)
+        for attempt in range(DEADLOCK_RETRIES + 1):
+            try:
+                row = await conn.fetchrow(
+                    "SELECT * FROM fg_intake($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
+                    " $12, $13)",
+                    *plan.arguments(),
                 )
-                await q.enqueue(conn, "dispatch", attempt_id, funder_id=chosen.id)
-                await ledger.reserve(conn, req.txn_no, chosen.id, alloc.funder, alloc.platform, day)
-                await q.voucher(
-                    conn,
-                    "disbursement.accepted",
-                    {
-                        "txn_no": req.txn_no,
-                        "status": "accepted",
-                        "funder_id": chosen.id,
-                        "mode": chosen.mode,
-                        "amount": req.amount,
-                        "allocation": {"funder": alloc.funder, "platform": alloc.platform},
-                        "business_day": day.isoformat(),
-                        "order_no": order_no(req.txn_no, 1),
-                    },
-                    req.txn_no,
-                )
-                body = await load_resource(conn, did)
-                await q.set_first_response(conn, did, body)
-        if did is None:
-            # a concurrent duplicate committed first: answer as its replay (or conflict)
-            replay = await _replay(conn, req, digest)
-            assert replay is not None
-            return replay
+                break
+            except asyncpg.DeadlockDetectedError:
+                if attempt == DEADLOCK_RETRIES:
+                    raise
+                log.warning("intake.deadlock_retried", txn_no=req.txn_no, attempt=attempt + 1)
+            except asyncpg.PostgresError as e:
+                plan.refused(e, refusals)
+                raise
+    assert row is not None
+    if row["outcome"] == "exists":
+        # a concurrent duplicate committed first: answer as its replay (or conflict)
+        return _replay(req, digest, row["request_hash"], row["first_response"])
 
-    assert chosen is not None
+    chosen = order[row["chosen"] - 1]
+    svc.wake_dispatch(chosen.id)
     svc.metrics.disbursement_transition(chosen.id, "accepted", req.amount)
     log.info(
         "disbursement.accepted",
@@ -278,4 +222,130 @@ async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcom
         amount=req.amount,
         mode=chosen.mode,
     )
-    return Outcome(201, body)
+    return Outcome(201, plan.bodies[row["chosen"] - 1])
+
+
+class _Plan:
+    """What `fg_intake` needs for each candidate funder, computed before the one round trip:
+    the row, the allocations, the response body and the voucher texts."""
+
+    def __init__(
+        self, svc: Services, req: DisbursementRequest, digest: bytes, client: str,
+        now: datetime, day: date, order: list[Funder],
+    ) -> None:  # fmt: skip
+        self.svc, self.req, self.order = svc, req, order
+        self.bucket = limits.pick_bucket(svc)
+        self.allocs = [allocate(req.amount, f.platform_share) for f in order]
+        self.order_no = order_no(req.txn_no, 1)
+        first = order[0]
+        payee = pii.payee_columns(svc.vault, req.payee.account_no, req.payee.account_name)
+        stamp = iso(now)
+        self.row: dict[str, Any] = {
+            "txn_no": req.txn_no,
+            "request_hash": _hex(digest),
+            "client": client,
+            "loan_id": req.loan_id,
+            "borrower_id": req.borrower_id,
+            "amount": req.amount,
+            "currency": req.currency,
+            "term_unit": req.term.unit,
+            "term_count": req.term.count,
+            "apr": str(req.apr_decimal),
+            "product": req.product,
+            "repayment": req.repayment,
+            "payee_account_bidx": _hex(payee["payee_account_bidx"]),
+            "payee_account_no_enc": _hex(payee["payee_account_no_enc"]),
+            "payee_account_name_enc": _hex(payee["payee_account_name_enc"]),
+            "payee_account_masked": payee["payee_account_masked"],
+            "payee_name_masked": payee["payee_name_masked"],
+            "payee_bank_code": req.payee.bank_code,
+            "metadata": req.metadata,
+            "status": "accepted",
+            "funder_id": first.id,
+            "mode": first.mode,
+            "alloc_funder": self.allocs[0].funder,
+            "alloc_platform": self.allocs[0].platform,
+            "business_day": day.isoformat(),
+            "created_at": stamp,
+            "updated_at": stamp,
+        }
+        self.bodies = [self._body(f, a, now) for f, a in zip(order, self.allocs, strict=True)]
+
+    def _body(self, f: Funder, alloc: Allocation, now: datetime) -> dict[str, Any]:
+        row = {
+            **self.row,
+            "funder_id": f.id,
+            "mode": f.mode,
+            "alloc_funder": alloc.funder,
+            "alloc_platform": alloc.platform,
+            "failure": None,
+            "created_at": now,
+            "updated_at": now,
+        }
+        attempt = {"n": 1, "funder_id": f.id, "order_no": self.order_no, "status": "accepted",
+                   "bank_ref": None, "error": None}  # fmt: skip
+        return render(row, [attempt])
+
+    def _voucher(self, f: Funder, alloc: Allocation) -> str:
+        req = self.req
+        return q.canonical(
+            {
+                "txn_no": req.txn_no,
+                "status": "accepted",
+                "funder_id": f.id,
+                "mode": f.mode,
+                "amount": req.amount,
+                "allocation": {"funder": alloc.funder, "platform": alloc.platform},
+                "business_day": self.row["business_day"],
+                "order_no": self.order_no,
+            }
+        )
+
+    def _ledger_voucher(self, f: Funder, alloc: Allocation) -> str:
+        # fg_intake puts the ledger transaction's id where "tx" is -1
+        entries = ledger.acceptance(f.id, alloc.funder, alloc.platform)
+        lines = ledger.lines_of(ledger.ACCEPTED, entries)
+        return q.canonical(ledger.voucher_event(-1, ledger.ACCEPTED, lines, self.req.txn_no, None))
+
+    def arguments(self) -> tuple[Any, ...]:
+        svc, order, allocs = self.svc, self.order, self.allocs
+        pairs = list(zip(order, allocs, strict=True))
+        return (
+            self.row,
+            svc.cfg.gateway.platform_daily_limit,
+            svc.cfg.gateway.limit_buckets,
+            self.bucket,
+            [f.id for f in order],
+            [f.mode for f in order],
+            [f.daily_limit for f in order],
+            [a.funder for a in allocs],
+            [a.platform for a in allocs],
+            self.order_no,
+            self.bodies,
+            [self._voucher(f, a) for f, a in pairs],
+            [self._ledger_voucher(f, a) for f, a in pairs],
+        )
+
+    def refused(self, e: asyncpg.PostgresError, refusals: list[Refusal]) -> None:
+        """Turn fg_intake's refusals into the API's 422; other errors pass unchanged."""
+        state = getattr(e, "sqlstate", None)
+        if state == PLATFORM_LIMIT:
+            raise Unprocessable(
+                "limit_exceeded",
+                "the platform daily limit would be exceeded",
+                details={"scope": "platform"},
+            ) from None
+        if state == ALL_REFUSED:
+            caps = {f.id: f.daily_limit for f in self.order}
+            for funder_id, reason in json.loads(getattr(e, "detail", None) or "{}").items():
+                message = (
+                    f"daily limit {caps[funder_id]} would be exceeded"
+                    if reason == "daily_limit"
+                    else "the prefund does not cover the platform share"
+                )
+                refusals.append(Refusal(funder_id, reason, message))
+            raise Unprocessable(
+                "limit_exceeded",
+                "every eligible funder's limit was taken concurrently",
+                details=refusal_details(refusals),
+            ) from None

@@ -23,6 +23,7 @@ from gateway.store import queries as q
 
 PAYOUTS = "payout:borrowers"
 EXTERNAL_CUSTODY = "external:custody"
+ACCEPTED = "disbursement.accepted"  # the posting intake writes (also in SQL: fg_intake)
 
 
 def funder_account(funder_id: str) -> str:
@@ -41,6 +42,27 @@ class Unbalanced(ValueError):
     pass
 
 
+def lines_of(kind: str, entries: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The entries of one transaction, zero amounts dropped; they must balance to zero."""
+    lines = [(a, n) for a, n in entries if n != 0]
+    if sum(n for _, n in lines) != 0:
+        raise Unbalanced(f"{kind}: entries sum to {sum(n for _, n in lines)}, not 0")
+    return lines
+
+
+def voucher_event(
+    tx_id: int, kind: str, lines: list[tuple[str, int]], txn_no: str | None,
+    reference: str | None,
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "tx": tx_id,
+        "kind": kind,
+        "txn_no": txn_no,
+        "reference": reference,
+        "entries": [{"account": a, "amount": n} for a, n in lines],
+    }
+
+
 async def post(
     conn: q.Conn,
     kind: str,
@@ -52,9 +74,7 @@ async def post(
     funder_id: str | None = None,
 ) -> int:
     """Append one balanced transaction (zero amounts are dropped) and its voucher."""
-    lines = [(a, n) for a, n in entries if n != 0]
-    if sum(n for _, n in lines) != 0:
-        raise Unbalanced(f"{kind}: entries sum to {sum(n for _, n in lines)}, not 0")
+    lines = lines_of(kind, entries)
     tx_id = int(
         await conn.fetchval(
             "INSERT INTO ledger_transactions (kind, txn_no, reference, funder_id)"
@@ -74,18 +94,18 @@ async def post(
         day,
     )
     await q.voucher(
-        conn,
-        f"ledger.{kind}",
-        {
-            "tx": tx_id,
-            "kind": kind,
-            "txn_no": txn_no,
-            "reference": reference,
-            "entries": [{"account": a, "amount": n} for a, n in lines],
-        },
-        txn_no,
+        conn, f"ledger.{kind}", voucher_event(tx_id, kind, lines, txn_no, reference), txn_no
     )
     return tx_id
+
+
+def acceptance(funder_id: str, funder_share: int, platform_share: int) -> list[tuple[str, int]]:
+    """Accepted: the money leaves the funder (and the prefund in custody) for transit."""
+    return [
+        (transit_account(funder_id), funder_share + platform_share),
+        (funder_account(funder_id), -funder_share),
+        (custody_account(funder_id), -platform_share),
+    ]
 
 
 async def reserve(
@@ -93,12 +113,8 @@ async def reserve(
 ) -> None:
     await post(
         conn,
-        "disbursement.accepted",
-        [
-            (transit_account(funder_id), funder_share + platform_share),
-            (funder_account(funder_id), -funder_share),
-            (custody_account(funder_id), -platform_share),
-        ],
+        ACCEPTED,
+        acceptance(funder_id, funder_share, platform_share),
         day=day,
         txn_no=txn_no,
         funder_id=funder_id,

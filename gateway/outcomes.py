@@ -16,9 +16,9 @@ import structlog
 
 from config.models import Term
 from connectors.base import BankStatus
-from gateway import ledger, states
+from gateway import ledger, limits, states
 from gateway.context import Services
-from gateway.disbursements import funder_states, load_resource, order_no, reserve_for
+from gateway.disbursements import funder_states, load_resource, order_no
 from gateway.store import queries as q
 from routing import LoanTerms, allocate, candidates
 
@@ -88,10 +88,12 @@ async def move(
     d_fields: dict[str, Any] = {"status": new}
     if new == "failed":
         d_fields["failure"] = error or {"code": "failed", "message": "the bank failed the payout"}
-        # platform row first: the lock order of intake, so the two never deadlock
-        await q.release(conn, q.PLATFORM_SCOPE, a["business_day"], a["amount"])
-        await q.release(conn, q.funder_scope(a["funder_id"]), a["business_day"], a["amount"])
-        await q.return_prefund(conn, a["funder_id"], a["alloc_platform"])
+        # platform first: the lock order of intake, so the two never deadlock
+        day = a["business_day"]
+        await limits.release_platform(conn, day, a["platform_bucket"], a["amount"])
+        await limits.release_funder(
+            conn, a["funder_id"], day, a["limit_bucket"], a["amount"], a["alloc_platform"]
+        )
         await ledger.release(
             conn, a["txn_no"], a["funder_id"], a["alloc_funder"], a["alloc_platform"],
             a["business_day"],
@@ -155,10 +157,11 @@ async def fail_over(
     now = svc.clock()
     day = a["business_day"]
     await q.update_attempt(conn, a["id"], now, status="failed", error=error, next_query_at=None)
-    # platform row first, as intake does: every limit-moving transaction locks in one order
-    await q.lock_usage(conn, q.PLATFORM_SCOPE, day)
-    await q.release(conn, q.funder_scope(a["funder_id"]), day, a["amount"])
-    await q.return_prefund(conn, a["funder_id"], a["alloc_platform"])
+    # platform first, as intake does: every limit-moving transaction locks in one order
+    await limits.lock_platform(conn, day, a["platform_bucket"])
+    await limits.release_funder(
+        conn, a["funder_id"], day, a["limit_bucket"], a["amount"], a["alloc_platform"]
+    )
     await ledger.release(
         conn, a["txn_no"], a["funder_id"], a["alloc_funder"], a["alloc_platform"], day
     )
@@ -180,9 +183,10 @@ async def fail_over(
     order, _ = candidates(
         svc.cfg.funders, loan, funder_states(svc, usage, prefund), exclude=frozenset(tried)
     )
+    bucket = limits.pick_bucket(svc)
     for f in order:
         alloc = allocate(d["amount"], f.platform_share)
-        if not await reserve_for(conn, f, day, d["amount"], alloc.platform):
+        if not await limits.reserve_funder(conn, svc, f, day, bucket, d["amount"], alloc.platform):
             continue
         n = a["n"] + 1
         await q.route_disbursement(
@@ -200,6 +204,7 @@ async def fail_over(
                 "mode": f.mode,
                 "alloc_funder": alloc.funder,
                 "alloc_platform": alloc.platform,
+                "limit_bucket": bucket,
                 "created_at": now,
                 "updated_at": now,
             },
@@ -230,7 +235,7 @@ async def fail_over(
         return f.id
 
     # nobody else can take it: the disbursement fails and the platform limit comes back
-    await q.release(conn, q.PLATFORM_SCOPE, day, d["amount"])
+    await limits.release_platform(conn, day, d["platform_bucket"], d["amount"])
     failure = {
         **error,
         "code": "no_funder_left",
@@ -278,21 +283,21 @@ async def correct_terminal(
     now = svc.clock()
     day = a["business_day"]
     amount, fshare, pshare = a["amount"], a["alloc_funder"], a["alloc_platform"]
-    await q.lock_usage(conn, q.PLATFORM_SCOPE, day)
     if new == "failed":
-        await q.release(conn, q.PLATFORM_SCOPE, day, amount)
-        await q.release(conn, q.funder_scope(a["funder_id"]), day, amount)
-        await q.return_prefund(conn, a["funder_id"], pshare)
+        await limits.release_platform(conn, day, a["platform_bucket"], amount)
+        await limits.release_funder(conn, a["funder_id"], day, a["limit_bucket"], amount, pshare)
         entries = [
             (ledger.PAYOUTS, -amount),
             (ledger.funder_account(a["funder_id"]), fshare),
             (ledger.custody_account(a["funder_id"]), pshare),
         ]
     else:
+        # platform first (every bucket of it, in order), then the funder's, then the prefund
+        await limits.record(
+            conn, svc, a["funder_id"], day, (a["platform_bucket"], a["limit_bucket"]), amount
+        )
         if not await q.take_prefund(conn, a["funder_id"], pshare):
             raise CorrectionRefused("the prefund no longer covers the platform share")
-        await q.record_usage(conn, q.PLATFORM_SCOPE, day, amount)
-        await q.record_usage(conn, q.funder_scope(a["funder_id"]), day, amount)
         entries = [
             (ledger.PAYOUTS, amount),
             (ledger.funder_account(a["funder_id"]), -fshare),

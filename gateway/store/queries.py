@@ -94,7 +94,11 @@ async def seed_prefund(conn: Conn, balances: dict[str, int]) -> list[str]:
 
 
 async def usage(conn: Conn, day: date) -> dict[str, int]:
-    rows = await conn.fetch("SELECT scope, used FROM limit_usage WHERE business_day = $1", day)
+    rows = await conn.fetch(
+        "SELECT scope, sum(used)::bigint AS used FROM limit_usage WHERE business_day = $1"
+        " GROUP BY scope",
+        day,
+    )
     return {r["scope"]: r["used"] for r in rows}
 
 
@@ -103,52 +107,48 @@ async def prefund_balances(conn: Conn) -> dict[str, int]:
     return {r["funder_id"]: r["balance"] for r in rows}
 
 
-async def reserve(conn: Conn, scope: str, day: date, amount: int, cap: int) -> bool:
+async def reserve(
+    conn: Conn, scope: str, day: date, bucket: int, amount: int, cap: int, buckets: int
+) -> bool:
     """Add `amount` to the day's usage unless that would pass `cap`; never overshoots, however
-    many processes reserve at once (the row lock orders them, the WHERE re-checks)."""
-    if amount > cap:
-        return False
-    row = await conn.fetchrow(
-        """
-        INSERT INTO limit_usage AS u (scope, business_day, used) VALUES ($1, $2, $3)
-        ON CONFLICT (scope, business_day) DO UPDATE SET used = u.used + EXCLUDED.used
-         WHERE u.used + EXCLUDED.used <= $4
-        RETURNING used
-        """,
+    many processes reserve at once (migration 0011: buckets whose shares sum to the cap)."""
+    sql = "SELECT fg_limit_reserve($1, $2, $3, $4, $5, $6)"
+    return bool(await conn.fetchval(sql, scope, day, bucket, amount, cap, buckets))
+
+
+async def lock_usage(conn: Conn, scope: str, day: date, bucket: int) -> None:
+    """Lock a usage bucket without changing it. Transactions moving limits lock the platform's
+    before any funder's (intake's order), so they can never deadlock each other."""
+    await conn.execute(
+        "SELECT 1 FROM limit_usage WHERE scope = $1 AND business_day = $2 AND bucket = $3"
+        " FOR UPDATE",
         scope,
         day,
-        amount,
-        cap,
-    )
-    return row is not None
-
-
-async def lock_usage(conn: Conn, scope: str, day: date) -> None:
-    """Lock a usage row without changing it. Transactions moving limits lock the platform row
-    before any funder row (intake's order), so they can never deadlock each other."""
-    await conn.execute(
-        "SELECT 1 FROM limit_usage WHERE scope = $1 AND business_day = $2 FOR UPDATE", scope, day
+        bucket,
     )
 
 
-async def release(conn: Conn, scope: str, day: date, amount: int) -> None:
+async def release(conn: Conn, scope: str, day: date, bucket: int, amount: int) -> None:
+    """Give back a reservation made in `bucket`: its share shrinks with it, so the room
+    returns to the scope at the next rebalance rather than to this bucket alone."""
     await conn.execute(
-        "UPDATE limit_usage SET used = used - $3 WHERE scope = $1 AND business_day = $2",
+        "UPDATE limit_usage SET used = used - $4, share = share - $4"
+        " WHERE scope = $1 AND business_day = $2 AND bucket = $3",
         scope,
         day,
+        bucket,
         amount,
     )
 
 
-async def record_usage(conn: Conn, scope: str, day: date, amount: int) -> None:
+async def record_usage(
+    conn: Conn, scope: str, day: date, bucket: int, amount: int, cap: int, buckets: int
+) -> None:
     """Usage for money that already moved: recorded even past the cap, which guards intake."""
     await conn.execute(
-        """INSERT INTO limit_usage AS u (scope, business_day, used) VALUES ($1, $2, $3)
-           ON CONFLICT (scope, business_day) DO UPDATE SET used = u.used + EXCLUDED.used""",
-        scope,
-        day,
-        amount,
-    )
+        "SELECT fg_limit_rebalance($1, $2, $3, $4, $5, $6, true)",
+        scope, day, bucket, amount, cap, buckets,
+    )  # fmt: skip
 
 
 async def take_prefund(conn: Conn, funder_id: str, amount: int) -> bool:
@@ -246,6 +246,7 @@ async def attempts_of(conn: Conn, disbursement_ids: list[int]) -> dict[int, list
 # an attempt with what dispatch and the state machine need of its disbursement
 _ATTEMPT = """
     SELECT a.*, d.txn_no, d.amount, d.currency, d.business_day, d.status AS d_status,
+           d.platform_bucket,
            d.payee_account_no_enc, d.payee_account_name_enc, d.payee_bank_code
       FROM attempts a JOIN disbursements d ON d.id = a.disbursement_id
      WHERE a.id = $1

@@ -48,6 +48,10 @@ def platform_limited(clean_db: str, tmp_path: Path) -> Iterator[Stack]:
         yield stack
 
 
+# one statement, one snapshot: the sum over a scope's buckets at one instant
+USAGE = "SELECT scope, sum(used) AS used FROM limit_usage GROUP BY scope, business_day"
+
+
 @contextlib.asynccontextmanager
 async def _watch_usage(url: str) -> AsyncIterator[dict[str, int]]:
     """The highest `limit_usage.used` seen per scope while the block runs (sampled)."""
@@ -56,7 +60,7 @@ async def _watch_usage(url: str) -> AsyncIterator[dict[str, int]]:
 
     async def sample() -> None:
         while True:
-            for r in await conn.fetch("SELECT scope, used FROM limit_usage"):
+            for r in await conn.fetch(USAGE):
                 peak[r["scope"]] = max(peak.get(r["scope"], 0), r["used"])
             await asyncio.sleep(0.005)
 
@@ -67,7 +71,7 @@ async def _watch_usage(url: str) -> AsyncIterator[dict[str, int]]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        for r in await conn.fetch("SELECT scope, used FROM limit_usage"):
+        for r in await conn.fetch(USAGE):
             peak[r["scope"]] = max(peak.get(r["scope"], 0), r["used"])
         await conn.close()
 

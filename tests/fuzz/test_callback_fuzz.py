@@ -68,8 +68,8 @@ SELECT
      alloc_platform, failure::text), E'\\n' ORDER BY id), '') FROM disbursements) AS disbursements,
   (SELECT coalesce(string_agg(concat_ws('|', id, disbursement_id, n, funder_id, order_no, status,
      bank_ref, error::text), E'\\n' ORDER BY id), '') FROM attempts) AS attempts,
-  (SELECT coalesce(string_agg(concat_ws('|', scope, business_day, used), ',' ORDER BY scope,
-     business_day), '') FROM limit_usage) AS limit_usage,
+  (SELECT coalesce(string_agg(concat_ws('|', scope, business_day, used, share), ','
+     ORDER BY scope, business_day, bucket), '') FROM limit_usage) AS limit_usage,
   (SELECT coalesce(string_agg(concat_ws('|', funder_id, balance), ',' ORDER BY funder_id), '')
      FROM prefund) AS prefund
 """

@@ -168,8 +168,9 @@ class World:
                 },
             )
             if reserve:
-                assert await q.reserve(conn, q.funder_scope(funder_id), day, amount, 10**12)
-                assert await q.reserve(conn, q.PLATFORM_SCOPE, day, amount, 10**12)
+                scope = q.funder_scope(funder_id)
+                assert await q.reserve(conn, scope, day, 0, amount, 10**12, 16)
+                assert await q.reserve(conn, q.PLATFORM_SCOPE, day, 0, amount, 10**12, 16)
             # the journal as the gateway keeps it: reserved on acceptance, paid on success
             txn_no = f"T{order_no}"
             await ledger.reserve(conn, txn_no, funder_id, amount - platform, platform, day)
