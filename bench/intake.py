@@ -97,6 +97,40 @@ END;
 """
 
 
+def cpu_seconds(pids: list[int], reaped_by: int | None = None) -> float:
+    """User + system CPU seconds used so far by these processes (Linux /proc), plus those of
+    the exited children `reaped_by` has collected (PostgreSQL's ended backends)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+        if pid == reaped_by:
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return total / tick
+
+
+def postgres_pids(postmaster: int | None) -> list[int]:
+    """The server's processes: the postmaster and its children (its backends), or, for a
+    server given by URL, every PostgreSQL process of the machine."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if (d / "comm").read_text().strip() not in ("postgres", "postmaster"):
+                continue
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if postmaster is None or postmaster in (int(d.name), ppid):
+            out.append(int(d.name))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -178,6 +212,8 @@ def main() -> None:
     p.add_argument("--borrowers", type=int, default=1000)
     p.add_argument("--gateways", type=int, default=1)
     p.add_argument("--database-url", default=os.environ.get("FUNDGATE_DATABASE_URL"))
+    p.add_argument("--no-baselines", action="store_true",
+                   help="fundgate only (quick before/after checks; no ratios)")  # fmt: skip
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="fundgate-bench-"))
@@ -207,21 +243,38 @@ def main() -> None:
             wait_up(f"http://127.0.0.1:{port}/readyz")
         register(f"http://127.0.0.1:{ports[0]}", args.borrowers)
 
+        postmaster = None
+        if pg is not None:
+            postmaster = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
         seed_pgbench_buckets(url)
-        best, best_c = 0.0, 0
-        for c in (16, 32, 64):
+        best, best_c, best_pg_ms = 0.0, 0, 0.0
+        for c in () if args.no_baselines else (16, 32, 64):
+            before = cpu_seconds(postgres_pids(postmaster), postmaster)
             tps = pgbench(url, c, args.duration / 2, work)
-            print(f"pgbench {c} clients: {tps:,.0f} tx/s", file=sys.stderr)
+            pg_ms = (
+                (cpu_seconds(postgres_pids(postmaster), postmaster) - before)
+                * 1000
+                / max(tps * int(args.duration / 2), 1)
+            )
+            print(f"pgbench {c} clients: {tps:,.0f} tx/s, PostgreSQL CPU {pg_ms:.2f} ms/tx",
+                  file=sys.stderr)  # fmt: skip
             if tps > best:
-                best, best_c = tps, c
+                best, best_c, best_pg_ms = tps, c, pg_ms
 
-        floor_port = free_port()
-        floor = subprocess.Popen([sys.executable, "-m", "bench.floor", "--port", str(floor_port)],
-                                 cwd=ROOT)  # fmt: skip
-        procs.append(floor)
-        time.sleep(1.0)
-        floor_r = loadgen(f"http://127.0.0.1:{floor_port}", "floor", args)
+        floor_r: dict[str, Any] = {"rps": 0.0, "p50_ms": 0.0, "p99_ms": 0.0}
+        if not args.no_baselines:
+            floor_port = free_port()
+            floor = subprocess.Popen(
+                [sys.executable, "-m", "bench.floor", "--port", str(floor_port)], cwd=ROOT
+            )
+            procs.append(floor)
+            time.sleep(1.0)
+            floor_r = loadgen(f"http://127.0.0.1:{floor_port}", "floor", args)
+        gw_pids = [pr.pid for pr in procs[: args.gateways]]
+        cpu0 = (cpu_seconds(gw_pids), cpu_seconds(postgres_pids(postmaster), postmaster))
         fg = loadgen(f"http://127.0.0.1:{ports[0]}", "intake", args)
+        cpu1 = (cpu_seconds(gw_pids), cpu_seconds(postgres_pids(postmaster), postmaster))
+        requests = fg["rps"] * (args.duration + args.warmup)  # CPU was counted over both
 
         print("\n| measure | rate (/s) | p50 ms | p99 ms | note |")
         print("|---|---:|---:|---:|---|")
@@ -232,8 +285,12 @@ def main() -> None:
               f"{floor_r['p99_ms']:.1f} | {args.concurrency} clients |")  # fmt: skip
         print(f"| fundgate intake | {fg['rps']:,.0f} | {fg['p50_ms']:.1f} | {fg['p99_ms']:.1f} | "
               f"{args.concurrency} clients, statuses {fg['statuses']} |")  # fmt: skip
+        gw_ms = (cpu1[0] - cpu0[0]) * 1000 / max(requests, 1)
+        pg_ms = (cpu1[1] - cpu0[1]) * 1000 / max(requests, 1)
+        print(f"\nCPU per accepted disbursement: gateway {gw_ms:.2f} ms, PostgreSQL "
+              f"{pg_ms:.2f} ms (pgbench's write set: {best_pg_ms:.2f} ms per tx)")  # fmt: skip
         print(
-            f"\nfundgate / pgbench = {fg['rps'] / best:.2f}; "
+            f"fundgate / pgbench = {fg['rps'] / max(best, 1):.2f}; "
             f"fundgate / HTTP floor = {fg['rps'] / max(floor_r['rps'], 1):.2f}"
         )
     finally:

@@ -52,7 +52,7 @@ class GatewayConfig(_Model):
     # a request that cannot get a database connection this fast is answered 503 + Retry-After
     db_acquire_timeout_seconds: float = Field(default=2.0, gt=0)
     # rows each daily limit is spread over, so concurrent intakes do not queue on one row
-    limit_buckets: int = Field(default=16, ge=1, le=256)
+    limit_buckets: int = Field(default=32, ge=1, le=256)
 
     @field_validator("timezone")
     @classmethod

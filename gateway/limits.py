@@ -29,16 +29,18 @@ def _funder_cap(svc: Services, funder_id: str) -> int:
 async def reserve_funder(
     conn: q.Conn, svc: Services, funder: Funder, day: date, bucket: int, amount: int,
     platform_amount: int,
-) -> bool:  # fmt: skip
-    """The funder's daily limit and, for co-lending, the platform's prefund there."""
+) -> int | None:  # fmt: skip
+    """The funder's daily limit and, for co-lending, the platform's prefund there; the bucket
+    holding the reservation, or None."""
     scope = q.funder_scope(funder.id)
     n = svc.cfg.gateway.limit_buckets
-    if not await q.reserve(conn, scope, day, bucket, amount, funder.daily_limit, n):
-        return False
+    held = await q.reserve(conn, scope, day, bucket, amount, funder.daily_limit, n)
+    if held is None:
+        return None
     if platform_amount and not await q.take_prefund(conn, funder.id, platform_amount):
-        await q.release(conn, scope, day, bucket, amount)
-        return False
-    return True
+        await q.release(conn, scope, day, held, amount)
+        return None
+    return held
 
 
 async def lock_platform(conn: q.Conn, day: date, bucket: int) -> None:

@@ -183,10 +183,12 @@ async def fail_over(
     order, _ = candidates(
         svc.cfg.funders, loan, funder_states(svc, usage, prefund), exclude=frozenset(tried)
     )
-    bucket = limits.pick_bucket(svc)
     for f in order:
         alloc = allocate(d["amount"], f.platform_share)
-        if not await limits.reserve_funder(conn, svc, f, day, bucket, d["amount"], alloc.platform):
+        bucket = await limits.reserve_funder(
+            conn, svc, f, day, limits.pick_bucket(svc), d["amount"], alloc.platform
+        )
+        if bucket is None:
             continue
         n = a["n"] + 1
         await q.route_disbursement(

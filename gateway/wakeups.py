@@ -20,7 +20,7 @@ from gateway.store import queries as q
 log = structlog.get_logger("fundgate.wakeups")
 
 # how long accepted work may wait for its wake-up, gathering others into the same NOTIFY
-COALESCE_SECONDS = 0.002
+COALESCE_SECONDS = 0.02
 
 
 class Wakeups:

@@ -109,11 +109,13 @@ async def prefund_balances(conn: Conn) -> dict[str, int]:
 
 async def reserve(
     conn: Conn, scope: str, day: date, bucket: int, amount: int, cap: int, buckets: int
-) -> bool:
-    """Add `amount` to the day's usage unless that would pass `cap`; never overshoots, however
-    many processes reserve at once (migration 0011: buckets whose shares sum to the cap)."""
+) -> int | None:
+    """Add `amount` to the day's usage unless that would pass `cap`; the bucket that holds it
+    (`bucket` if free, else another), or None. Never overshoots, however many processes
+    reserve at once (migration 0011: buckets whose shares sum to the cap)."""
     sql = "SELECT fg_limit_reserve($1, $2, $3, $4, $5, $6)"
-    return bool(await conn.fetchval(sql, scope, day, bucket, amount, cap, buckets))
+    b = await conn.fetchval(sql, scope, day, bucket, amount, cap, buckets)
+    return None if b < 0 else int(b)
 
 
 async def lock_usage(conn: Conn, scope: str, day: date, bucket: int) -> None:

@@ -33,7 +33,7 @@ async def _used(pool: asyncpg.Pool) -> int:
 async def _reserve(pool: asyncpg.Pool, amount: int, cap: int, bucket: int | None = None) -> bool:
     b = random.randrange(BUCKETS) if bucket is None else bucket
     async with pool.acquire() as conn, conn.transaction():
-        return await q.reserve(conn, SCOPE, DAY, b, amount, cap, BUCKETS)
+        return await q.reserve(conn, SCOPE, DAY, b, amount, cap, BUCKETS) is not None
 
 
 async def _invariants(pool: asyncpg.Pool, cap: int) -> None:

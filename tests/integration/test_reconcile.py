@@ -169,8 +169,9 @@ class World:
             )
             if reserve:
                 scope = q.funder_scope(funder_id)
-                assert await q.reserve(conn, scope, day, 0, amount, 10**12, 16)
-                assert await q.reserve(conn, q.PLATFORM_SCOPE, day, 0, amount, 10**12, 16)
+                assert await q.reserve(conn, scope, day, 0, amount, 10**12, 16) is not None
+                held = await q.reserve(conn, q.PLATFORM_SCOPE, day, 0, amount, 10**12, 16)
+                assert held is not None
             # the journal as the gateway keeps it: reserved on acceptance, paid on success
             txn_no = f"T{order_no}"
             await ledger.reserve(conn, txn_no, funder_id, amount - platform, platform, day)

@@ -67,27 +67,45 @@ BEGIN
 END $$;
 
 
--- Reserve `amount` of the scope's day under `cap`: within the bucket's share when it has
--- room (one row locked), else by a rebalance (every bucket of the scope locked, in order).
+-- Reserve `amount` of the scope's day under `cap`; returns the bucket that holds it, or -1
+-- when the day has no room. In order: the first bucket with room that nobody holds, starting
+-- at `p_bucket` (SKIP LOCKED: no waiting behind a transaction still committing); else
+-- `p_bucket` itself, waiting for it (every bucket busy); else a rebalance (every bucket of
+-- the scope locked, in bucket order).
 --
 -- Each step runs in a sub-transaction that is rolled back when it does not reserve. That
--- matters: an UPDATE that waited for a row and then found it no longer matching still holds
--- that row's lock, and a rebalance refused still holds all of them; kept, such a lock out of
--- bucket order (or of another funder's buckets while trying the next funder) could deadlock
--- with a concurrent rebalance. Rolled back, a failed step holds nothing.
+-- matters: a row whose re-check failed after a wait stays locked, and a rebalance refused
+-- holds all of them; kept, such a lock out of bucket order (or of one funder's buckets
+-- while trying the next funder) could deadlock with a concurrent rebalance. Rolled back, a
+-- failed step holds nothing.
 CREATE OR REPLACE FUNCTION fg_limit_reserve(
     p_scope text, p_day date, p_bucket integer, p_amount bigint, p_cap bigint, p_buckets integer
-) RETURNS boolean LANGUAGE plpgsql AS $$
+) RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    b integer;
 BEGIN
     IF p_amount > p_cap THEN
-        RETURN false;
+        RETURN -1;
     END IF;
     BEGIN
+        WITH free AS MATERIALIZED (   -- evaluated once: one row locked, one row updated
+            SELECT l.bucket FROM limit_usage AS l
+             WHERE l.scope = p_scope AND l.business_day = p_day AND l.cap = p_cap
+               AND l.used + p_amount <= l.share
+             ORDER BY (l.bucket - p_bucket + p_buckets * 1000) % greatest(p_buckets, 1)
+             LIMIT 1 FOR UPDATE SKIP LOCKED)
+        UPDATE limit_usage AS u SET used = u.used + p_amount
+          FROM free
+         WHERE u.scope = p_scope AND u.business_day = p_day AND u.bucket = free.bucket
+        RETURNING u.bucket INTO b;
+        IF b IS NOT NULL THEN
+            RETURN b;
+        END IF;
         UPDATE limit_usage SET used = used + p_amount
          WHERE scope = p_scope AND business_day = p_day AND bucket = p_bucket
            AND cap = p_cap AND used + p_amount <= share;
         IF FOUND THEN
-            RETURN true;
+            RETURN p_bucket;
         END IF;
         RAISE EXCEPTION USING ERRCODE = 'FG000';
     EXCEPTION WHEN SQLSTATE 'FG000' THEN
@@ -95,11 +113,11 @@ BEGIN
     END;
     BEGIN
         IF fg_limit_rebalance(p_scope, p_day, p_bucket, p_amount, p_cap, p_buckets, false) THEN
-            RETURN true;
+            RETURN p_bucket;
         END IF;
         RAISE EXCEPTION USING ERRCODE = 'FG000';
     EXCEPTION WHEN SQLSTATE 'FG000' THEN
-        RETURN false;
+        RETURN -1;
     END;
 END $$;
 
@@ -140,6 +158,8 @@ DECLARE
     tx       bigint;
     i        integer;
     k        integer := 0;
+    pb       integer;
+    fb       integer;
     v_amount bigint := (p_row ->> 'amount')::bigint;
     v_day    date := (p_row ->> 'business_day')::date;
     v_txn    text := p_row ->> 'txn_no';
@@ -167,14 +187,15 @@ BEGIN
         RETURN;
     END IF;
 
-    IF NOT fg_limit_reserve('platform', v_day, p_bucket, v_amount, p_platform_cap, p_buckets)
-    THEN
+    pb := fg_limit_reserve('platform', v_day, p_bucket, v_amount, p_platform_cap, p_buckets);
+    IF pb < 0 THEN
         RAISE EXCEPTION 'the platform daily limit would be exceeded' USING ERRCODE = 'FG001';
     END IF;
 
     FOR i IN 1 .. coalesce(array_length(p_funders, 1), 0) LOOP
-        IF NOT fg_limit_reserve('funder:' || p_funders[i], v_day, p_bucket, v_amount,
-                                p_caps[i], p_buckets) THEN
+        fb := fg_limit_reserve('funder:' || p_funders[i], v_day, p_bucket, v_amount, p_caps[i],
+                               p_buckets);
+        IF fb < 0 THEN
             refused := refused || jsonb_build_object(p_funders[i], 'daily_limit');
             CONTINUE;
         END IF;
@@ -184,7 +205,7 @@ BEGIN
             IF NOT FOUND THEN
                 UPDATE limit_usage SET used = used - v_amount, share = share - v_amount
                  WHERE scope = 'funder:' || p_funders[i] AND business_day = v_day
-                   AND bucket = p_bucket;
+                   AND bucket = fb;
                 refused := refused || jsonb_build_object(p_funders[i], 'prefund');
                 CONTINUE;
             END IF;
@@ -197,16 +218,17 @@ BEGIN
               DETAIL = refused::text;
     END IF;
 
-    IF k > 1 THEN
+    IF k > 1 OR pb <> p_bucket THEN  -- routed past the first candidate, or another bucket
         UPDATE disbursements
            SET funder_id = p_funders[k], mode = p_modes[k], alloc_funder = p_alloc_funder[k],
-               alloc_platform = p_alloc_platform[k], first_response = p_bodies[k]
+               alloc_platform = p_alloc_platform[k], first_response = p_bodies[k],
+               platform_bucket = pb
          WHERE disbursements.id = did;
     END IF;
     INSERT INTO attempts (disbursement_id, n, funder_id, order_no, status, mode, alloc_funder,
                           alloc_platform, limit_bucket, created_at, updated_at)
     VALUES (did, 1, p_funders[k], p_order_no, 'accepted', p_modes[k], p_alloc_funder[k],
-            p_alloc_platform[k], p_bucket, v_now, v_now)
+            p_alloc_platform[k], fb, v_now, v_now)
     RETURNING attempts.id INTO aid;
     INSERT INTO outbox (kind, ref_id, funder_id) VALUES ('dispatch', aid, p_funders[k]);
 
