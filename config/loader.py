@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     config: Path | None = None
     log_format: Literal["json", "console"] = "json"
     log_level: str = "info"
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
     @property
     def config_path(self) -> Path:
