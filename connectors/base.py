@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Protocol, runtime_checkable
@@ -12,6 +12,7 @@ import httpx
 from aiohttp import web
 
 from config.models import Funder
+from connectors.errors import NotSent, OutcomeUnknown, Rejected
 
 
 class BankStatus(enum.StrEnum):
@@ -105,6 +106,36 @@ class BankConnector(Protocol):
     def fetch_statement(self, day: date) -> AsyncIterator[StatementLine]: ...
 
     async def aclose(self) -> None: ...
+
+
+# What became of one order of a bank call: the bank's acceptance, or its classified failure.
+PayoutOutcome = PayoutResult | Rejected | NotSent | OutcomeUnknown
+
+
+@runtime_checkable
+class BatchingConnector(Protocol):
+    """Optional capability: several orders for this connector's funder in one bank call.
+
+    `max_batch` is how many orders one call may carry (from the funder's options); the
+    dispatcher never hands over more, and sends through `disburse` while it is 1.
+    `disburse_batch` returns one outcome per order, in the order given, instead of raising:
+    what the bank said about each order (its own acceptance or refusal), or, when the call
+    as a whole failed, the same `NotSent` / `OutcomeUnknown` / `Rejected(pre_execution=True)`
+    for every order it carried. The same rules as for `disburse` apply per order: anything
+    the connector cannot trust about an order is `OutcomeUnknown`; an order missing from the
+    bank's answer is `OutcomeUnknown`, never `NotSent`. Order numbers in one call are distinct.
+    """
+
+    max_batch: int
+
+    async def disburse_batch(self, orders: Sequence[PayoutOrder]) -> list[PayoutOutcome]: ...
+
+
+def max_batch(connector: BankConnector) -> int:
+    """How many orders one call to `connector` may carry: 1 unless it batches."""
+    if isinstance(connector, BatchingConnector):
+        return max(1, int(connector.max_batch))
+    return 1
 
 
 class ConnectorFactory(Protocol):

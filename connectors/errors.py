@@ -13,6 +13,12 @@
     CallbackRejected       an inbound callback that cannot be trusted (bad signature, stale
                            timestamp, malformed): answered 401, nothing changes
 
+    StatementError         a statement file that cannot be trusted as a whole (truncated,
+                           wrong header, a summary that does not add up…), with its line;
+                           raised by the shared statement parsers (`connectors.csv_statement`,
+                           `reconciliation.parsers`). A connector fetching a statement turns it
+                           into `ConnectorError(code="malformed_statement")`.
+
 Unlike a pricing or tax call, a payout timeout is *not* a reason to try the next provider:
 the first one may already have paid.
 """
@@ -52,3 +58,19 @@ class CallbackRejected(Exception):
         super().__init__(message)
         self.reason = reason  # bad_signature | stale | replayed | malformed
         self.message = message
+
+
+class StatementError(ValueError):
+    """A statement that cannot be trusted as a whole: truncated, wrong header, a summary that
+    does not add up, a duplicated line, a value that is not what its column promises, an XML
+    document that fails its schema. `line` is the 1-based line of the file (or, for lines a
+    connector delivers, of the statement) where the problem shows; None when it concerns the
+    whole file."""
+
+    def __init__(self, reason: str, line: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.reason if self.line is None else f"line {self.line}: {self.reason}"

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import httpx
 
-from connectors.errors import ConnectorError, NotSent, OutcomeUnknown
+from connectors.errors import NotSent, OutcomeUnknown
 
 # Raised before a single byte of the request is written. DNS failures surface as
 # ConnectError; PoolTimeout means no connection was ever handed to the request.
@@ -63,7 +63,7 @@ async def send(client: httpx.AsyncClient, request: httpx.Request, *, what: str) 
         return await client.send(request)
 
 
-def unexpected_status(response: httpx.Response, what: str) -> ConnectorError:
+def unexpected_status(response: httpx.Response, what: str) -> OutcomeUnknown:
     """The error for an HTTP status the connector gives no specific meaning.
 
     A 5xx may come after the bank executed the order, and an unexpected 4xx (a proxy, a moved

@@ -332,12 +332,13 @@ async def _main(args: argparse.Namespace, cfg: FileConfig, url: str, console: Co
 
 
 def _iso_config(text: str) -> str:
-    """The config with every sandbox funder switched to the iso20022 connector."""
+    """The config with every sandbox funder switched to the iso20022 connector, batching up
+    to 10 orders per pain.001."""
     text = text.replace('connector = "sandbox"', 'connector = "iso20022"')
     return re.sub(
         r'(\[funders\.connector_options\]\nbase_url = "[^"]*"\nsecret = "[^"]*"\n)',
         r'\1debtor_name = "Fundgate Platform"\ndebtor_account = "CN0000000000000000001"\n'
-        r'debtor_agent_bic = "ICBKCNBJ"\n',
+        r'debtor_agent_bic = "ICBKCNBJ"\nbatch_size = 10\n',
         text,
     )
 

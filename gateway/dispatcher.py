@@ -3,6 +3,15 @@
 Work is claimed with `FOR UPDATE SKIP LOCKED` and a lease: a process that dies mid-call loses
 its lease and another process re-sends the same order number, which the bank treats as the
 same order. The state change and the removal of the outbox row commit together.
+
+Batching: rows claimed together for a funder whose connector batches (`connectors.base.
+BatchingConnector`, e.g. iso20022 with `batch_size` > 1) go to the bank in one call of up to
+`max_batch` orders; every other row is a call of its own. A batch is one bank call for the
+funder's in-flight limit and its circuit breaker, and one `disburse` observation per order in
+the metrics. Each order's outcome is then recorded exactly as for a single call, in its own
+transaction, with the same rules: a claim whose earlier send has no recorded outcome is never
+failed over, and a whole-call failure is `NotSent` or `OutcomeUnknown` for every order in it.
+Batching is opportunistic: it takes what one claim found ready, it never waits to fill up.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from connectors.base import BankStatus, PayoutOrder, PayoutResult
+from connectors.base import BankStatus, BatchingConnector, PayoutOrder, PayoutResult, max_batch
 from connectors.errors import NotSent, OutcomeUnknown, Rejected
 from gateway import pii, states
 from gateway.context import Services
@@ -63,6 +72,16 @@ def outcome_of(result: Result | None) -> ConnectorOutcome:
     return "unknown"
 
 
+def call_outcome(results: list[Result]) -> ConnectorOutcome:
+    """The circuit breaker's view of one bank call that carried several orders: an answer
+    about any order shows the bank up; only a call that failed for all is a failure."""
+    outcomes = {outcome_of(r) for r in results}
+    for answered in ("ok", "rejected"):
+        if answered in outcomes:
+            return answered
+    return "not_sent" if outcomes == {"not_sent"} else "unknown"
+
+
 async def note_circuit(conn: q.Conn, svc: Services, funder_id: str) -> None:
     """Publish a circuit transition of this process's breaker to every process."""
     b = svc.breakers[funder_id]
@@ -74,6 +93,17 @@ async def note_circuit(conn: q.Conn, svc: Services, funder_id: str) -> None:
     log.warning("circuit." + b.state, funder_id=funder_id, failures=b.failures)
 
 
+def _checked(order: PayoutOrder, r: object) -> Result:
+    """One order's outcome from a batch call, distrusting what is not plainly about it."""
+    if isinstance(r, PayoutResult):
+        if r.order_no == order.order_no:
+            return r
+        return OutcomeUnknown(f"the connector answered about {r.order_no!r}", code="mismatch")
+    if isinstance(r, Rejected | NotSent | OutcomeUnknown):
+        return r
+    return OutcomeUnknown(f"the connector answered {type(r).__name__}", code="mismatch")
+
+
 class _Loop:
     """A claim-and-handle loop with bounded concurrency, woken early by `wake()`."""
 
@@ -83,7 +113,7 @@ class _Loop:
         self.svc = svc
         self.capacity = capacity
         self.tasks: set[asyncio.Task[None]] = set()
-        self.claimed: dict[asyncio.Task[None], int] = {}
+        self.claimed: dict[asyncio.Task[None], list[int]] = {}  # task -> its outbox row ids
         self._wake = asyncio.Event()
 
     def wake(self, *_: Any) -> None:
@@ -95,22 +125,35 @@ class _Loop:
     async def handle(self, row: asyncpg.Record) -> None:
         raise NotImplementedError
 
+    def units(self, rows: list[asyncpg.Record]) -> list[list[asyncpg.Record]]:
+        """Claimed rows grouped into units of work, one task each: a row each by default."""
+        return [[row] for row in rows]
+
+    async def handle_unit(self, rows: list[asyncpg.Record]) -> None:
+        for row in rows:
+            await self.handle(row)
+
     async def release(self, conn: q.Conn, ids: list[int]) -> None:
         """Hand claimed work back at once (shutdown) instead of waiting for the lease."""
         raise NotImplementedError
 
-    async def _guarded(self, row: asyncpg.Record) -> None:
+    async def _guarded(self, rows: list[asyncpg.Record]) -> None:
         try:
-            await self.handle(row)
+            await self.handle_unit(rows)
         except asyncio.CancelledError:
             raise
-        except Exception:  # the lease brings the row back; the loop must live on
-            log.exception(f"{self.name}.failed", row_id=row["id"])
+        except Exception:  # the lease brings the rows back; the loop must live on
+            log.exception(f"{self.name}.failed", row_ids=[r["id"] for r in rows])
+
+    @property
+    def in_flight(self) -> int:
+        """Claimed rows not yet handled (capacity counts rows, not tasks)."""
+        return sum(len(ids) for ids in self.claimed.values())
 
     async def run(self, stop: asyncio.Event) -> None:
         interval = self.svc.cfg.dispatch.poll_interval_seconds
         while not stop.is_set():
-            free = self.capacity - len(self.tasks)
+            free = self.capacity - self.in_flight
             rows: list[asyncpg.Record] = []
             if free > 0:
                 try:
@@ -118,10 +161,10 @@ class _Loop:
                         rows = await self.claim(conn, free)
                 except (TimeoutError, OSError, asyncpg.PostgresError) as e:
                     log.warning(f"{self.name}.claim_failed", error=str(e))
-            for row in rows:
-                t = asyncio.create_task(self._guarded(row))
+            for unit in self.units(rows):
+                t = asyncio.create_task(self._guarded(unit))
                 self.tasks.add(t)
-                self.claimed[t] = row["id"]
+                self.claimed[t] = [row["id"] for row in unit]
                 t.add_done_callback(self._done)
             if rows and len(rows) == free:
                 await asyncio.sleep(0)
@@ -151,7 +194,7 @@ class _Loop:
         if not self.tasks:
             return
         _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
-        ids = [self.claimed[t] for t in pending if t in self.claimed]
+        ids = [i for t in pending for i in self.claimed.get(t, [])]
         for t in pending:
             t.cancel()
         if pending:
@@ -170,7 +213,11 @@ class Dispatcher(_Loop):
 
     def __init__(self, svc: Services) -> None:
         per_funder = svc.cfg.dispatch.max_in_flight_per_funder
-        super().__init__(svc, capacity=per_funder * max(1, len(svc.funders)))
+        # orders one bank call may carry, per funder (1 unless its connector batches)
+        self.batch = {f: max_batch(c) for f, c in svc.connectors.items()}
+        # `max_in_flight_per_funder` bank calls per funder, each with up to a batch of rows
+        rows = sum(per_funder * self.batch.get(f, 1) for f in svc.funders)
+        super().__init__(svc, capacity=max(per_funder, rows))
         self.limits = {f: asyncio.Semaphore(per_funder) for f in svc.funders}
 
     async def claim(self, conn: q.Conn, n: int) -> list[asyncpg.Record]:
@@ -178,6 +225,29 @@ class Dispatcher(_Loop):
 
     async def release(self, conn: q.Conn, ids: list[int]) -> None:
         await q.release_leases(conn, ids)
+
+    def units(self, rows: list[asyncpg.Record]) -> list[list[asyncpg.Record]]:
+        """Rows of one batching funder travel together, up to its batch size; a row whose
+        attempt is already in the batch (two rows for one order) goes alone."""
+        out: list[list[asyncpg.Record]] = []
+        filling: dict[str, list[asyncpg.Record]] = {}
+        for row in rows:
+            size = self.batch.get(row["funder_id"], 1)
+            unit = filling.get(row["funder_id"])
+            if size <= 1 or (unit is not None and any(r["ref_id"] == row["ref_id"] for r in unit)):
+                out.append([row])
+                continue
+            if unit is None or len(unit) >= size:
+                unit = filling[row["funder_id"]] = []
+                out.append(unit)
+            unit.append(row)
+        return out
+
+    async def handle_unit(self, rows: list[asyncpg.Record]) -> None:
+        if len(rows) == 1:
+            await self.handle(rows[0])
+        else:
+            await self._handle_batch(rows)
 
     async def handle(self, row: asyncpg.Record) -> None:
         svc = self.svc
@@ -198,6 +268,49 @@ class Dispatcher(_Loop):
         async with self.limits[a["funder_id"]]:
             result = await self._call(connector.name, order)
         breaker.record(outcome_of(result))
+        await self._record(row, a, result)
+
+    async def _handle_batch(self, rows: list[asyncpg.Record]) -> None:
+        """Several rows of one funder: one bank call, then each order's outcome on its own."""
+        svc = self.svc
+        funder_id = rows[0]["funder_id"]
+        ready: list[tuple[asyncpg.Record, asyncpg.Record]] = []
+        strays: list[asyncpg.Record] = []
+        async with svc.pool.acquire() as conn:
+            for row in rows:
+                a = await q.load_attempt(conn, row["ref_id"])
+                if a is None or a["status"] not in ("accepted", "unknown"):
+                    await q.finish_outbox(conn, row["id"])
+                elif a["funder_id"] != funder_id:
+                    strays.append(row)  # the row's funder is not the attempt's: alone, then
+                else:
+                    ready.append((row, a))
+        for row in strays:
+            await self.handle(row)
+        if not ready:
+            return
+        connector = svc.connectors[funder_id]
+        breaker = svc.breakers[funder_id]
+        if not breaker.allow():
+            async with svc.pool.acquire() as conn:
+                for row, _ in ready:
+                    await q.defer_outbox(conn, row["id"], breaker.retry_in())
+            return
+        orders = [payout_order(svc, a) for _, a in ready]
+        async with self.limits[funder_id]:
+            results = await self._call_batch(connector.name, orders)
+        breaker.record(call_outcome(results))
+        for (row, a), result in zip(ready, results, strict=True):
+            try:
+                await self._record(row, a, result)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # its lease brings the row back; record the others
+                log.exception("dispatcher.record_failed", row_id=row["id"], order_no=a["order_no"])
+
+    async def _record(self, row: asyncpg.Record, a: asyncpg.Record, result: Result) -> None:
+        """Apply one order's outcome and settle its outbox row, in one transaction."""
+        svc = self.svc
         async with svc.pool.acquire() as conn, conn.transaction():
             await note_circuit(conn, svc, a["funder_id"])
             locked = await q.lock_attempt(conn, a["id"])
@@ -215,6 +328,42 @@ class Dispatcher(_Loop):
             else:
                 delay = svc.cfg.dispatch.not_sent_backoff_seconds * max(1, row["tries"])
                 await q.retry_outbox(conn, row["id"], delay, str(result))
+
+    async def _call_batch(self, connector_name: str, orders: list[PayoutOrder]) -> list[Result]:
+        """One `disburse_batch` call: an outcome per order, whatever the connector does."""
+        svc = self.svc
+        funder_id = orders[0].funder_id
+        connector = svc.connectors[funder_id]
+        started = time.perf_counter()
+        results: list[Result]
+        try:
+            if not isinstance(connector, BatchingConnector):
+                raise TypeError(f"connector {connector_name!r} does not batch")
+            got = list(await connector.disburse_batch(orders))
+            if len(got) != len(orders):
+                raise ValueError(f"{len(got)} outcomes for {len(orders)} orders")
+            results = [_checked(order, r) for order, r in zip(orders, got, strict=True)]
+        except (Rejected, NotSent, OutcomeUnknown) as e:
+            results = [e] * len(orders)
+        except Exception as e:  # a connector bug after the request may have left: assume sent
+            log.exception("connector.unexpected_error", order_nos=[o.order_no for o in orders][:20])
+            results = [OutcomeUnknown(f"unexpected connector error: {e!r}")] * len(orders)
+        elapsed = time.perf_counter() - started
+        for order, result in zip(orders, results, strict=True):
+            outcome = outcome_of(result)
+            svc.metrics.observe_connector_call(
+                funder_id, connector_name, "disburse", outcome, elapsed
+            )
+            log.info(
+                "bank.disburse",
+                order_no=order.order_no,
+                txn_no=order.txn_no,
+                funder_id=funder_id,
+                outcome=outcome,
+                batch=len(orders),
+                detail=None if isinstance(result, PayoutResult) else _error(result),
+            )
+        return results
 
     async def _call(self, connector_name: str, order: PayoutOrder) -> Result:
         svc = self.svc

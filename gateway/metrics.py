@@ -21,7 +21,8 @@ Disbursements
 Bank calls (connectors)
     fundgate_connector_calls_total{funder,connector,operation,outcome}   counter: calls by
         operation (disburse, query, fetch_statement) and outcome: ok | rejected | not_sent |
-        unknown (see `connectors.errors`)
+        unknown (see `connectors.errors`); a batched disburse counts once per order it
+        carried, with that order's outcome (and the call's duration)
     fundgate_connector_call_duration_seconds{funder,connector,operation}  histogram
 
 Limits and money (gauges, refreshed from the database)

@@ -13,7 +13,7 @@ import json
 import secrets
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Literal
@@ -252,6 +252,32 @@ class FakeBank:
             fail_code="refused" if e.status == BankStatus.FAILED else None,
             finished_at=e.finished_at,
         )
+
+
+@dataclass
+class BatchingFakeBank(FakeBank):
+    """A `FakeBank` that also takes up to `max_batch` orders in one call (`disburse_batch`),
+    answering each order by its own script, as a bank reports per transaction. A `not_sent`
+    step fails the whole call (a batch cannot half reach the bank). `batches` records the
+    order numbers of every batch call."""
+
+    max_batch: int = 5
+    batches: list[list[str]] = field(default_factory=list)
+
+    async def disburse_batch(
+        self, orders: Sequence[PayoutOrder]
+    ) -> list[PayoutResult | Rejected | NotSent | OutcomeUnknown]:
+        self.batches.append([o.order_no for o in orders])
+        out: list[PayoutResult | Rejected | NotSent | OutcomeUnknown] = []
+        for o in orders:
+            try:
+                out.append(await self.disburse(o))
+            except (Rejected, NotSent, OutcomeUnknown) as e:
+                out.append(e)
+        if any(isinstance(r, NotSent) for r in out):
+            if any(not isinstance(r, NotSent) for r in out):
+                raise AssertionError("script a whole batch as not_sent, or none of it")
+        return out
 
 
 def _sign(secret: str, ts: str, nonce: str, body: bytes) -> str:

@@ -1,16 +1,26 @@
 """`IsoConnector`: pain.001 payout instructions, pain.002 status, camt.053 statements over HTTP.
 
-Outcome classes of a payout upload (the answer is a signed pain.002 about the order):
+Outcome classes of a payout upload (the answer is a signed pain.002 about the orders), for
+each order of the message:
 
-    200, TxSts RCVD/ACTC/ACCP/PDNG/ACSP/ACWC/ACSC…   -> PayoutResult
-    200 or 422, TxSts RJCT/CANC                      -> Rejected(pre_execution when the reason
-                                                        code says the payment was never executed,
-                                                        `wire.PRE_EXECUTION_REASONS`)
-    400, 401, 403                                    -> Rejected(pre_execution=True)
-    409                                              -> OutcomeUnknown("order_conflict")
-    5xx, unsigned/invalid/truncated XML, an XML bomb, an unknown status code, read timeout
-                                                     -> OutcomeUnknown
-    connection refused, DNS, connect timeout         -> NotSent
+    200, its TxSts RCVD/ACTC/ACCP/PDNG/ACSP/ACWC/ACSC…   -> PayoutResult
+    200 or 422, its TxSts RJCT/CANC                      -> Rejected(pre_execution when the reason
+                                                            code says the payment was never
+                                                            executed, `wire.PRE_EXECUTION_REASONS`)
+    200 or 422, RJCT with reason DUPL                    -> OutcomeUnknown("duplicate"): the order
+                                                            it repeats may have been executed
+    200 or 422, the order missing from the pain.002 or reported twice, an unknown status code
+                                                         -> OutcomeUnknown
+    the order's own pain.001 fails the XSD               -> Rejected(pre_execution=True), never sent
+    400, 401, 403                                        -> Rejected(pre_execution=True)
+    409                                                  -> OutcomeUnknown("order_conflict")
+    5xx, unsigned/invalid/truncated XML, an XML bomb, read timeout
+                                                         -> OutcomeUnknown
+    connection refused, DNS, connect timeout             -> NotSent
+
+A message-level answer (every row but the first three) applies to every order the message
+carried. With `batch_size` above 1 the dispatcher hands over up to that many orders of this
+funder at once (`disburse_batch`): they travel as one pain.001, one `CdtTrfTxInf` each.
 
 `query` answers NOT_FOUND only for the bank's signed 404 pain.002 with TxSts RJCT and reason
 NOOR (no original transaction received).
@@ -20,7 +30,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, date, datetime
 from urllib.parse import quote
 
@@ -30,8 +40,15 @@ from aiohttp import web
 
 from config.models import Funder
 from connectors import http
-from connectors.base import BankStatus, CallbackEvent, PayoutOrder, PayoutResult, StatementLine
-from connectors.errors import CallbackRejected, ConnectorError, OutcomeUnknown, Rejected
+from connectors.base import (
+    BankStatus,
+    CallbackEvent,
+    PayoutOrder,
+    PayoutOutcome,
+    PayoutResult,
+    StatementLine,
+)
+from connectors.errors import CallbackRejected, ConnectorError, NotSent, OutcomeUnknown, Rejected
 from connectors.iso20022 import wire
 
 log = structlog.get_logger("fundgate.connectors.iso20022")
@@ -56,6 +73,12 @@ def _result(s: wire.TxStatus) -> PayoutResult:
     )
 
 
+def _batch_id(created: datetime) -> str:
+    """A MsgId for a message of several orders: unique, within Max35Text. (A message of one
+    order keeps the order number, as before batching.)"""
+    return f"B{created:%Y%m%d%H%M%S}{secrets.token_hex(8)}"
+
+
 class IsoConnector:
     """One funder speaking ISO 20022; `IsoConnector(funder, client, clock=…)`."""
 
@@ -71,49 +94,132 @@ class IsoConnector:
         self.funder_id = funder.id
         self.options = wire.parse_options(funder.connector_options)
         self._secret = self.options.secret.get_secret_value()
+        self.max_batch = self.options.batch_size
         self._client = client
         self._clock = clock
         self._timeout = http.request_timeout(self.options.timeout_seconds)
 
     async def disburse(self, order: PayoutOrder) -> PayoutResult:
-        what = f"iso20022 payout {order.order_no}"
+        outcome = (await self.disburse_batch([order]))[0]
+        if isinstance(outcome, PayoutResult):
+            return outcome
+        raise outcome
+
+    async def disburse_batch(self, orders: Sequence[PayoutOrder]) -> list[PayoutOutcome]:
+        """One pain.001 for `orders`, one outcome per order from the pain.002 (see the table
+        above); never raises for what the bank or the network did."""
+        if not orders:
+            return []
         created = datetime.fromtimestamp(self._clock(), UTC)
+        outcomes: dict[str, PayoutOutcome] = {}
+        sendable = list(orders)
+        msg_id = orders[0].order_no if len(orders) == 1 else _batch_id(created)
         try:
-            body = wire.pain001(self.options, [order], msg_id=order.order_no, created=created)
-        except wire.WireFormatError as e:
-            # nothing was sent: our own message failed the XSD
-            raise Rejected(f"{what}: {e}", code="invalid_pain001", pre_execution=True) from e
+            body = wire.pain001(self.options, sendable, msg_id=msg_id, created=created)
+        except wire.WireFormatError:
+            # one bad order must not hold back the others: find it, send the rest
+            for o in orders:
+                try:
+                    wire.pain001(self.options, [o], msg_id=o.order_no, created=created)
+                except wire.WireFormatError as e:
+                    # nothing was sent: our own message failed the XSD
+                    outcomes[o.order_no] = Rejected(
+                        f"iso20022 payout {o.order_no}: {e}",
+                        code="invalid_pain001",
+                        pre_execution=True,
+                    )
+            sendable = [o for o in orders if o.order_no not in outcomes]
+            body = b""
+            if sendable:
+                if len(sendable) == 1:
+                    msg_id = sendable[0].order_no
+                try:
+                    body = wire.pain001(self.options, sendable, msg_id=msg_id, created=created)
+                except wire.WireFormatError as e:
+                    for o in sendable:
+                        outcomes[o.order_no] = Rejected(
+                            f"iso20022 pain.001 {msg_id}: {e}",
+                            code="invalid_pain001",
+                            pre_execution=True,
+                        )
+                    sendable = []
+        if sendable:
+            outcomes.update(await self._upload(msg_id, body, sendable))
+        return [outcomes[o.order_no] for o in orders]
+
+    async def _upload(
+        self, msg_id: str, body: bytes, orders: list[PayoutOrder]
+    ) -> dict[str, PayoutOutcome]:
+        """Send one pain.001 and classify the answer for each of its orders."""
+        single = len(orders) == 1
+        what = (
+            f"iso20022 payout {orders[0].order_no}"
+            if single
+            else f"iso20022 pain.001 {msg_id} ({len(orders)} orders)"
+        )
+
+        def every(e: Rejected | NotSent | OutcomeUnknown) -> dict[str, PayoutOutcome]:
+            return {o.order_no: e for o in orders}
+
         request = self._request("POST", self.options.upload_path, body)
-        request.headers[wire.CALLBACK_HEADER] = order.callback_url
-        response = await http.send(self._client, request, what=what)
+        request.headers[wire.CALLBACK_HEADER] = orders[0].callback_url
+        try:
+            response = await http.send(self._client, request, what=what)
+        except (NotSent, OutcomeUnknown) as e:
+            return every(e)
         code = response.status_code
         if code >= 500:
             self._bad_reply(what, response, "server_error")
-            raise http.unexpected_status(response, what)
+            return every(http.unexpected_status(response, what))
         if code in (200, 422):
-            result = self._status(response, order.order_no, what)
-            match result.status:
-                case BankStatus.ACCEPTED | BankStatus.PROCESSING | BankStatus.SUCCEEDED:
-                    if code == 200:
-                        return result
-                case BankStatus.FAILED:
-                    raise Rejected(
-                        f"{what}: {result.fail_reason}",
-                        code=result.fail_code or "RJCT",
-                        pre_execution=result.pre_execution,
-                    )
-                case _:
-                    pass
-            self._bad_reply(what, response, "unknown_status")
-            raise OutcomeUnknown(f"{what}: status is not an acceptance", code="unknown_status")
+            try:
+                statuses = self._statuses(response, what)
+            except OutcomeUnknown as e:
+                return every(e)
+            return {o.order_no: self._outcome(response, o.order_no, statuses) for o in orders}
         if code == 409:
-            raise OutcomeUnknown(f"{what}: the bank holds this order number", code="order_conflict")
+            return every(
+                OutcomeUnknown(f"{what}: the bank holds an order number", code="order_conflict")
+            )
         if code in _REFUSED_BEFORE_EXECUTION:
-            raise Rejected(
-                f"{what}: refused with HTTP {code}", code=f"http_{code}", pre_execution=True
+            return every(
+                Rejected(
+                    f"{what}: refused with HTTP {code}", code=f"http_{code}", pre_execution=True
+                )
             )
         self._bad_reply(what, response, "unexpected_status")
-        raise http.unexpected_status(response, what)
+        return every(http.unexpected_status(response, what))
+
+    def _outcome(
+        self, response: httpx.Response, order_no: str, statuses: list[wire.TxStatus]
+    ) -> PayoutOutcome:
+        """What the pain.002 says about one order of the message."""
+        what = f"iso20022 payout {order_no}"
+        mine = [s for s in statuses if s.order_no == order_no]
+        if len(mine) != 1:
+            self._bad_reply(what, response, "malformed")
+            said = "does not report" if not mine else "reports twice"
+            return OutcomeUnknown(f"{what}: pain.002 {said} this order", code="malformed")
+        result = _result(mine[0])
+        match result.status:
+            case BankStatus.ACCEPTED | BankStatus.PROCESSING | BankStatus.SUCCEEDED:
+                if response.status_code == 200:
+                    return result
+            case BankStatus.FAILED if mine[0].reason == wire.DUPLICATE_REASON:
+                return OutcomeUnknown(
+                    f"{what}: the bank calls it a duplicate of an order it may have executed",
+                    code="duplicate",
+                )
+            case BankStatus.FAILED:
+                return Rejected(
+                    f"{what}: {result.fail_reason}",
+                    code=result.fail_code or "RJCT",
+                    pre_execution=result.pre_execution,
+                )
+            case _:
+                pass
+        self._bad_reply(what, response, "unknown_status")
+        return OutcomeUnknown(f"{what}: status is not an acceptance", code="unknown_status")
 
     async def query(self, order_no: str) -> PayoutResult:
         what = f"iso20022 query {order_no}"
@@ -198,16 +304,20 @@ class IsoConnector:
             timeout=self._timeout,
         )
 
-    def _status(self, response: httpx.Response, order_no: str, what: str) -> PayoutResult:
+    def _statuses(self, response: httpx.Response, what: str) -> list[wire.TxStatus]:
+        """The transaction statuses of a genuine, readable pain.002, else `OutcomeUnknown`."""
         try:
             wire.verify(self._secret, response.headers, response.content, self._clock())
-            statuses = wire.read_pain002(response.content)
+            return wire.read_pain002(response.content)
         except wire.SignatureError as e:
             self._bad_reply(what, response, e.reason)
             raise OutcomeUnknown(f"{what}: answer not trusted: {e.message}", code=e.reason) from e
         except wire.WireFormatError as e:
             self._bad_reply(what, response, "malformed")
             raise OutcomeUnknown(f"{what}: unreadable pain.002: {e}", code="malformed") from e
+
+    def _status(self, response: httpx.Response, order_no: str, what: str) -> PayoutResult:
+        statuses = self._statuses(response, what)
         mine = [s for s in statuses if s.order_no == order_no]
         if len(mine) != 1:
             self._bad_reply(what, response, "malformed")

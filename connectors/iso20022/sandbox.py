@@ -1,13 +1,17 @@
 """A simulated ISO 20022 bank: accepts pain.001 uploads (validated against the XSD), answers
 and calls back with signed pain.002, serves camt.053.001.08 statements.
 
-    POST <upload_path>            pain.001 -> pain.002 (ACTC, or RJCT AC04 when refused)
+    POST <upload_path>            pain.001 of one or more transactions -> pain.002 with one
+                                  status per transaction (ACTC, or RJCT AC04 when refused)
     GET  <status_path>            pain.002 of one order; 404 + pain.002 RJCT NOOR if unknown
     GET  <statement_path>         camt.053.001.08 of the orders booked that day
     GET  /_sandbox/payouts        the oracle of money moved: `executions` is never above 1
 
-Idempotent by EndToEndId (our order number); the same order with another amount or account
-is a 409. A 500 answer is an HTML page. Callbacks are pain.002 ACSC/RJCT.
+Idempotent by EndToEndId (our order number): an order sent again, alone or in another
+message, is answered with its status and never executed twice. The same EndToEndId with another
+amount or account is a 409 for the whole message, and a 500 (an HTML page) executes nothing of
+it; the timeout fault holds the whole answer back. Callbacks are pain.002 ACSC/RJCT, one per
+order. The oracle also names each order's `msg_id` (the pain.001 that brought it).
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ class IsoBank(SimulatedBank):
         self.rng = random.Random(opts.seed)
         self.zone = ZoneInfo(opts.timezone)
         self.orders: dict[str, _Order] = {}
+        # every pain.001 taken: (MsgId, its EndToEndIds), for tests that count messages
+        self.messages: list[tuple[str, list[str]]] = []
         self._refs = itertools.count(1)
 
     async def upload(self, request: web.Request) -> web.StreamResponse:
@@ -81,30 +87,38 @@ class IsoBank(SimulatedBank):
             msg_id, txs = wire.read_pain001(body)
         except wire.WireFormatError as e:
             return web.Response(status=400, text=str(e))
-        answers: list[_Order] = []
-        hang = False
+        # the message is judged whole before anything executes: a reused EndToEndId with
+        # another payload, or a 500, leaves every order of it untouched
+        seen: dict[str, wire.Pain001Tx] = {}
         for tx in txs:
-            order = self.orders.get(tx.order_no)
-            if order is None:
-                reject, error, timeout = (self.rng.random() for _ in range(3))
-                if error < self.opts.error_rate:
-                    return web.Response(
-                        status=500, text="<html>500</html>", content_type="text/html"
-                    )
-                state: State = "rejected" if reject < self.opts.reject_rate else "accepted"
-                callback = request.headers.get(wire.CALLBACK_HEADER) or self.opts.callback_url
-                order = _Order(tx, msg_id, f"ISO{next(self._refs):010d}", state, callback)
-                self.orders[tx.order_no] = order
-                if state == "accepted":
-                    self._spawn(self._settle(order))
-                    hang = hang or timeout < self.opts.timeout_rate
-            elif order.tx != tx:
+            known = self.orders.get(tx.order_no)
+            earlier = known.tx if known is not None else seen.get(tx.order_no)
+            if earlier is not None and earlier != tx:
                 return web.Response(status=409, text="EndToEndId reused with another payload")
-            answers.append(order)
+            seen[tx.order_no] = tx
+        fresh: dict[str, tuple[wire.Pain001Tx, State, bool]] = {}
+        for tx in txs:
+            if tx.order_no in self.orders or tx.order_no in fresh:
+                continue
+            reject, error, timeout = (self.rng.random() for _ in range(3))
+            if error < self.opts.error_rate:
+                return web.Response(status=500, text="<html>500</html>", content_type="text/html")
+            state: State = "rejected" if reject < self.opts.reject_rate else "accepted"
+            fresh[tx.order_no] = (tx, state, timeout < self.opts.timeout_rate)
+        callback = request.headers.get(wire.CALLBACK_HEADER) or self.opts.callback_url
+        hang = False
+        for tx, state, times_out in fresh.values():
+            order = _Order(tx, msg_id, f"ISO{next(self._refs):010d}", state, callback)
+            self.orders[tx.order_no] = order
+            if state == "accepted":
+                self._spawn(self._settle(order))
+                hang = hang or times_out
+        self.messages.append((msg_id, [tx.order_no for tx in txs]))
         if hang:
             await self.closing.wait()
             return web.Response(status=503)
-        return self._report(msg_id, answers, 200)
+        # one transaction status per transaction of the message, in its order
+        return self._report(msg_id, [self.orders[tx.order_no] for tx in txs], 200)
 
     async def status(self, request: web.Request) -> web.StreamResponse:
         if (denied := self._verify(request, await request.read())) is not None:
@@ -143,7 +157,14 @@ class IsoBank(SimulatedBank):
     async def oracle(self, _request: web.Request) -> web.StreamResponse:
         return web.json_response(
             [
-                {"order_no": o.tx.order_no, "amount": o.tx.amount, "executions": o.executions}
+                {
+                    "order_no": o.tx.order_no,
+                    "amount": o.tx.amount,
+                    "account_no": o.tx.account_no,
+                    "executions": o.executions,
+                    "status": o.state,
+                    "msg_id": o.msg_id,
+                }
                 for o in self.orders.values()
             ]
         )

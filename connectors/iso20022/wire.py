@@ -44,15 +44,22 @@ PAIN002 = "urn:iso:std:iso:20022:tech:xsd:pain.002.001.11"
 CAMT053 = "urn:iso:std:iso:20022:tech:xsd:camt.053.001.{version}"
 
 # ExternalStatusReason1Code values that say the payment was refused before execution
-# (account, amount, agent, format and duplicate checks). Any other RJCT reason is terminal.
+# (account, amount, agent and format checks). Any other RJCT reason is terminal.
 PRE_EXECUTION_REASONS = frozenset(
     {
         "AC01", "AC02", "AC03", "AC04", "AC06", "AC13", "AG01", "AG02", "AM01", "AM02",
         "AM03", "AM04", "AM05", "AM09", "AM10", "BE01", "BE04", "BE05", "CH03", "CUST",
-        "DT01", "DUPL", "FF01", "MD07", "MS02", "MS03", "NARR", "RC01", "RR01", "RR02",
-        "RR03", "RR04",
+        "DT01", "FF01", "MD07", "MS02", "MS03", "NARR", "RC01", "RR01", "RR02", "RR03",
+        "RR04",
     }
 )  # fmt: skip
+# "duplicate payment": this copy was refused, but the order it repeats (a re-send after a
+# lost answer, or one already in another message) may have been executed. Never a fail-over.
+DUPLICATE_REASON = "DUPL"
+# pain.001 identifiers (MsgId, InstrId, EndToEndId) are Max35Text
+MAX_ID_LENGTH = 35
+# transactions per pain.001 the dispatcher may batch; banks commonly cap a file far above it
+MAX_BATCH_SIZE = 500
 
 _DECLARATION = re.compile(rb"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
 _CAMT_NS = re.compile(rb"urn:iso:std:iso:20022:tech:xsd:camt\.053\.001\.(02|04|08)\b")
@@ -89,6 +96,8 @@ class IsoOptions(BaseModel):
     status_path: str = "/iso/pain002/{order_no}"
     statement_path: str = "/iso/camt053/{day}"
     timeout_seconds: float = Field(default=10, gt=0, le=300)
+    # orders the dispatcher may put in one pain.001 for this funder; 1 sends each alone
+    batch_size: int = Field(default=1, ge=1, le=MAX_BATCH_SIZE)
 
     @field_validator("base_url")
     @classmethod
@@ -226,6 +235,14 @@ def pain001(
     batch = list(orders)
     if not batch:
         raise ValueError("a pain.001 needs at least one order")
+    for o in batch:
+        # a cut EndToEndId could name two orders, and its status never matches ours
+        if len(o.order_no) > MAX_ID_LENGTH:
+            raise WireFormatError(
+                f"order number {o.order_no[:40]!r} is longer than {MAX_ID_LENGTH} characters"
+            )
+    if len({o.order_no for o in batch}) != len(batch):
+        raise ValueError("an order number appears twice in one pain.001")
     v = options.pain001_version
     ns = PAIN001.format(version=v)
 

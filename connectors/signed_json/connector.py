@@ -12,12 +12,17 @@ Outcome classes of a payout request (after the answer's signature is verified):
     connection refused, DNS, connect timeout              -> NotSent
 
 Every answer that cannot be trusted is logged with the bank's raw reply masked and truncated.
+
+Statement downloads (`fetch_statement`) are verified like answers: signed over their raw
+bytes, refused unsigned or tampered before a line is parsed, then read with the shared
+generic CSV mapping (`connectors.csv_statement`) in the funder's `[funders.statement]`.
 """
 
 from __future__ import annotations
 
 import secrets
 import ssl
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import date
@@ -29,12 +34,21 @@ import structlog
 from aiohttp import web
 
 from config.models import Funder
-from connectors import http
+from connectors import csv_statement, http
 from connectors.base import BankStatus, CallbackEvent, PayoutOrder, PayoutResult, StatementLine
-from connectors.errors import CallbackRejected, ConnectorError, OutcomeUnknown, Rejected
+from connectors.errors import (
+    CallbackRejected,
+    ConnectorError,
+    OutcomeUnknown,
+    Rejected,
+    StatementError,
+)
 from connectors.signed_json import wire
 
 log = structlog.get_logger("fundgate.connectors.signed_json")
+
+# a statement download larger than this is spooled to a temporary file while it is verified
+SPOOL_IN_MEMORY_BYTES = 64 * 1024
 
 
 def tls_context(tls: wire.Tls) -> ssl.SSLContext:
@@ -138,30 +152,51 @@ class SignedJsonConnector:
         raise http.unexpected_status(response, what)
 
     async def fetch_statement(self, day: date) -> AsyncIterator[StatementLine]:
+        """The day's CSV statement. With `verify_responses` the download must carry the bank's
+        signature over its raw bytes: it is spooled (memory up to `SPOOL_IN_MEMORY_BYTES`,
+        then a temporary file) while the signature is computed, and parsed only once the
+        signature and its timestamp check out; an unsigned or tampered statement is a
+        `ConnectorError` (code `bad_signature`, `stale` or `malformed`) and never parsed."""
         what = f"signed_json statement {day.isoformat()}"
         path = self.options.endpoints.statement.replace("{day}", day.isoformat())
         request = self._request("GET", path, None)
-        reader = wire.StatementReader(self.statement_config)
-        with http.classify_transport_errors(what):
-            response = await self._client.send(request, stream=True)
+        # a local spool: the writes of a few 64 KiB chunks do not stall the loop noticeably
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES) as spool:
+            head = b""
+            with http.classify_transport_errors(what):
+                response = await self._client.send(request, stream=True)
+                try:
+                    if response.status_code != 200:
+                        await response.aread()
+                        self._bad_reply(what, response, "unexpected_status")
+                        raise http.unexpected_status(response, what)
+                    check: wire.StatementCheck | None = None
+                    if self.options.signing.verify_responses:
+                        try:
+                            check = wire.StatementCheck(
+                                self._signer, response.headers, self._clock()
+                            )
+                        except wire.SignatureError as e:
+                            raise self._untrusted_statement(what, response, e, head) from e
+                    async for chunk in response.aiter_bytes():
+                        if len(head) < wire.RAW_LOG_LIMIT:
+                            head += chunk[: wire.RAW_LOG_LIMIT - len(head)]
+                        spool.write(chunk)
+                        if check is not None:
+                            check.update(chunk)
+                    if check is not None:
+                        try:
+                            check.finish()
+                        except wire.SignatureError as e:
+                            raise self._untrusted_statement(what, response, e, head) from e
+                finally:
+                    await response.aclose()
+            spool.seek(0)
             try:
-                if response.status_code != 200:
-                    await response.aread()
-                    self._bad_reply(what, response, "unexpected_status")
-                    raise http.unexpected_status(response, what)
-                async for line in _raw_lines(response):
-                    try:
-                        parsed = reader.feed(line)
-                    except wire.WireFormatError as e:
-                        raise ConnectorError(f"{what}: {e}", code="malformed_statement") from e
-                    if parsed is not None:
-                        yield parsed
-            finally:
-                await response.aclose()
-        try:
-            reader.finish()
-        except wire.WireFormatError as e:
-            raise ConnectorError(f"{what}: {e}", code="malformed_statement") from e
+                for _line_no, line in csv_statement.parse_csv(spool, self.statement_config):
+                    yield line
+            except StatementError as e:
+                raise ConnectorError(f"{what}: {e}", code="malformed_statement") from e
 
     async def aclose(self) -> None:
         """Close the connector's own client (mTLS); the shared one belongs to the gateway."""
@@ -239,6 +274,19 @@ class SignedJsonConnector:
             raise OutcomeUnknown(f"{what}: unreadable answer: {e}", code="malformed") from e
         return result
 
+    def _untrusted_statement(
+        self, what: str, response: httpx.Response, e: wire.SignatureError, head: bytes
+    ) -> ConnectorError:
+        log.warning(
+            "signed_json.statement_refused",
+            funder_id=self.funder_id,
+            what=what,
+            reason=e.reason,
+            http_status=response.status_code,
+            raw=wire.masked_excerpt(head),
+        )
+        return ConnectorError(f"{what}: statement not trusted: {e.message}", code=e.reason)
+
     def _bad_reply(self, what: str, response: httpx.Response, reason: str) -> None:
         log.warning(
             "signed_json.bad_reply",
@@ -249,17 +297,3 @@ class SignedJsonConnector:
             content_type=response.headers.get("content-type", "")[:80],
             raw=wire.masked_excerpt(response.content),
         )
-
-
-async def _raw_lines(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The body's lines as bytes (with their line ends), decoded later by the reader."""
-    pending = b""
-    async for chunk in response.aiter_bytes():
-        pending += chunk
-        start = 0
-        while (end := pending.find(b"\n", start)) != -1:
-            yield pending[start : end + 1]
-            start = end + 1
-        pending = pending[start:]
-    if pending:
-        yield pending

@@ -6,7 +6,8 @@ amount format, status words, signing), so both sides follow one description of t
 
     POST <endpoints.create>      signed; idempotent by order_no; 409 on a changed payload
     GET  <endpoints.query>       signed; 404 with the not_found word for unknown orders
-    GET  <endpoints.statement>   signed; CSV in the `StatementConfig` mapping
+    GET  <endpoints.statement>   signed; CSV in the `StatementConfig` mapping, its raw bytes
+                                 signed in the timestamp/nonce/signature headers
     GET  /_sandbox/payouts       the oracle of money moved: `executions` is never above 1
 
 Its answers and callbacks are signed with the bank's key (the HMAC secret, or
@@ -178,10 +179,8 @@ class SignedJsonBank(SimulatedBank):
         words = {v: k for k, v in reversed(list(cfg.status_map.items()))}
         c = cfg.columns
         names = [c.order_no, c.bank_ref, c.amount, c.status, c.booked_at]
-        response = web.StreamResponse(headers={"Content-Type": "text/csv; charset=utf-8"})
-        await response.prepare(request)
         d = cfg.delimiter
-        await response.write((d.join(n for n in names if n is not None) + "\n").encode())
+        lines = [(d.join(n for n in names if n is not None) + "\n").encode(cfg.encoding)]
         for o in sorted(
             (o for o in self.orders.values() if o.finished_at is not None),
             key=lambda o: (o.finished_at, o.order_no),
@@ -196,10 +195,14 @@ class SignedJsonBank(SimulatedBank):
                 words["succeeded" if o.state == "succeeded" else "failed"],
                 o.finished_at.isoformat() if c.booked_at is not None else None,
             ]
-            line = d.join(v for v in values if v is not None) + "\n"
-            await response.write(line.encode(cfg.encoding))
-        await response.write_eof()
-        return response
+            lines.append((d.join(v for v in values if v is not None) + "\n").encode(cfg.encoding))
+        # signed over the raw bytes, in headers, like every answer of this bank; the
+        # sandbox's statements are small, so it renders them whole to sign them first
+        headers = wire.sign_statement(
+            self.signer, lines, timestamp=str(int(time.time())), nonce=secrets.token_hex(16)
+        )
+        headers["Content-Type"] = f"text/csv; charset={cfg.encoding}"
+        return web.Response(status=200, body=b"".join(lines), headers=headers)
 
     async def oracle(self, _request: web.Request) -> web.StreamResponse:
         return web.json_response(

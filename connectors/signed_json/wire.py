@@ -1,9 +1,15 @@
-"""The `signed_json` wire format: options, canonical strings, signing, field and status mapping,
-and the CSV statement mapping. Pure, no I/O; the connector and the sandbox bank share it.
+"""The `signed_json` wire format: options, canonical strings, signing, field and status mapping.
+Pure, no I/O; the connector and the sandbox bank share it. (Statements are CSV in the funder's
+`[funders.statement]` mapping, read by the shared `connectors.csv_statement`.)
 
 Signed message (requests, responses and callbacks alike)::
 
     <timestamp> "\\n" <nonce> "\\n" <canonical body>
+
+Statement downloads are signed too, always over the raw bytes of the CSV (there is no JSON to
+sort and no field to carry a signature): timestamp, nonce and signature travel in their
+headers whatever `canonical` and `placement` say, and the signature is computed over the
+download as it streams (`Signer.running`), so a statement is never held whole in memory.
 
 `canonical = "sorted"`: the body's top-level fields as `key=value` joined by `&` in key order,
 skipping empty values and the signature field (nested values as compact JSON with sorted keys);
@@ -19,12 +25,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import csv
 import hashlib
 import hmac
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
@@ -34,11 +39,11 @@ from zoneinfo import ZoneInfo
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from config.models import StatementConfig
-from connectors.base import BankStatus, PayoutOrder, PayoutResult, StatementLine
+from connectors.base import BankStatus, PayoutOrder, PayoutResult
 
 # CONTRACT.md: messages outside ±300 s are refused.
 MAX_CLOCK_SKEW_SECONDS = 300
@@ -259,8 +264,6 @@ def check_statement_config(cfg: StatementConfig) -> None:
     """The statement is fetched as CSV in the funder's `[funders.statement]` mapping."""
     if cfg.path is None and cfg.format == "camt053":
         raise ValueError("statement.format: signed_json fetches CSV statements, not camt053")
-    if cfg.summary is not None and cfg.summary.position == "last" and cfg.summary.marker is None:
-        raise ValueError("statement.summary: a last summary row needs a marker for signed_json")
 
 
 # --- keys and signatures -------------------------------------------------------------------
@@ -355,14 +358,123 @@ class Signer:
         if isinstance(self._peer, bytes):
             expected = hmac.new(self._peer, message, hashlib.sha256).digest()
             return hmac.compare_digest(expected, sig)
+        return self._rsa_verify(sig, message, hashes.SHA256())
+
+    def _rsa_verify(
+        self, sig: bytes, data: bytes, algorithm: hashes.HashAlgorithm | utils.Prehashed
+    ) -> bool:
+        assert not isinstance(self._peer, bytes)
         pad: padding.AsymmetricPadding = self._pad()
         if self.cfg.algorithm == "rsa-pss-sha256":
             pad = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.AUTO)
         try:
-            self._peer.verify(sig, message, pad, hashes.SHA256())
+            self._peer.verify(sig, data, pad, algorithm)
         except InvalidSignature:
             return False
         return True
+
+    def running(self, first: bytes, *, verify: bool) -> Running:
+        """A signature (ours) or a verification (the peer's) over `first` + later chunks."""
+        key = self._peer if verify else self._own
+        return Running(self, key if isinstance(key, bytes) else None, first)
+
+    def sign_digest(self, digest: bytes) -> str:
+        """RSA: the signature of a message given as its SHA-256 digest."""
+        assert not isinstance(self._own, bytes)
+        raw = self._own.sign(digest, self._pad(), utils.Prehashed(hashes.SHA256()))
+        return _encode(raw, self.cfg.encoding)
+
+    def verify_digest(self, digest: bytes, sig: bytes) -> bool:
+        """RSA: does `sig` sign the message whose SHA-256 digest this is?"""
+        return self._rsa_verify(sig, digest, utils.Prehashed(hashes.SHA256()))
+
+
+class Running:
+    """A signature over a message fed in chunks: a statement download is signed and verified
+    as it streams instead of being held whole. HMAC runs over the bytes; RSA signs and
+    verifies the SHA-256 of them (`Prehashed`), which is the same signature as over the whole
+    message."""
+
+    def __init__(self, signer: Signer, mac_key: bytes | None, first: bytes) -> None:
+        self._signer = signer
+        self._mac = hmac.new(mac_key, first, hashlib.sha256) if mac_key is not None else None
+        self._sha = hashlib.sha256(first) if mac_key is None else None
+
+    def update(self, chunk: bytes) -> None:
+        if self._mac is not None:
+            self._mac.update(chunk)
+        elif self._sha is not None:
+            self._sha.update(chunk)
+
+    def sign(self) -> str:
+        if self._mac is not None:
+            return _encode(self._mac.digest(), self._signer.cfg.encoding)
+        assert self._sha is not None
+        return self._signer.sign_digest(self._sha.digest())
+
+    def verify(self, given: str) -> bool:
+        sig = _decode(given, self._signer.cfg.encoding)
+        if sig is None:
+            return False
+        if self._mac is not None:
+            return hmac.compare_digest(self._mac.digest(), sig)
+        assert self._sha is not None
+        return self._signer.verify_digest(self._sha.digest(), sig)
+
+
+def statement_prefix(timestamp: str, nonce: str) -> bytes:
+    """What precedes the raw statement bytes in its signed message."""
+    return f"{timestamp}\n{nonce}\n".encode(errors="surrogateescape")
+
+
+def sign_statement(
+    signer: Signer, chunks: Iterable[bytes], *, timestamp: str, nonce: str
+) -> dict[str, str]:
+    """The headers that sign a statement download made of `chunks` (the bank's side)."""
+    cfg = signer.cfg
+    running = signer.running(statement_prefix(timestamp, nonce), verify=False)
+    for chunk in chunks:
+        running.update(chunk)
+    return {
+        cfg.timestamp_header: timestamp,
+        cfg.nonce_header: nonce,
+        cfg.signature_header: running.sign(),
+    }
+
+
+class StatementCheck:
+    """Verifies a statement download while it streams: `StatementCheck(signer, headers, now)`
+    refuses an unsigned answer at once; feed every chunk to `update`; `finish` raises
+    `SignatureError` unless the signature matches and the timestamp was fresh at `now` (when
+    the answer's headers arrived)."""
+
+    def __init__(self, signer: Signer, headers: Mapping[str, str], now: float) -> None:
+        cfg = signer.cfg
+        lowered = {k.lower(): v for k, v in headers.items()}
+        self.timestamp = lowered.get(cfg.timestamp_header.lower(), "")
+        nonce = lowered.get(cfg.nonce_header.lower(), "")
+        self._given = lowered.get(cfg.signature_header.lower(), "")
+        if not (self.timestamp and nonce and self._given):
+            raise SignatureError("bad_signature", "statement is not signed")
+        self._now = now
+        self._running = signer.running(statement_prefix(self.timestamp, nonce), verify=True)
+
+    def update(self, chunk: bytes) -> None:
+        self._running.update(chunk)
+
+    def finish(self) -> None:
+        if not self._running.verify(self._given):
+            raise SignatureError("bad_signature", "statement signature does not match")
+        _fresh(self.timestamp, self._now)
+
+
+def _fresh(timestamp: str, now: float) -> int:
+    if not _TIMESTAMP.fullmatch(timestamp.strip()):
+        raise SignatureError("malformed", f"timestamp {timestamp[:20]!r} is not unix seconds")
+    ts = int(timestamp)
+    if abs(now - ts) > MAX_CLOCK_SKEW_SECONDS:
+        raise SignatureError("stale", f"timestamp {ts} is outside ±{MAX_CLOCK_SKEW_SECONDS} s")
+    return ts
 
 
 def _canonical_value(value: Any) -> str:
@@ -447,12 +559,7 @@ def verify_message(
         raise SignatureError("bad_signature", f"cannot canonicalise: {e}") from e
     if not signer.verify(message, given):
         raise SignatureError("bad_signature", "signature does not match")
-    if not _TIMESTAMP.fullmatch(timestamp.strip()):
-        raise SignatureError("malformed", f"timestamp {timestamp[:20]!r} is not unix seconds")
-    ts = int(timestamp)
-    if abs(now - ts) > MAX_CLOCK_SKEW_SECONDS:
-        raise SignatureError("stale", f"timestamp {ts} is outside ±{MAX_CLOCK_SKEW_SECONDS} s")
-    return ts, nonce
+    return _fresh(timestamp, now), nonce
 
 
 class SignatureError(Exception):
@@ -631,162 +738,3 @@ def masked_excerpt(body: bytes) -> str:
         lambda m: m.group()[:2] + "*" * (len(m.group()) - 4) + m.group()[-2:], text
     )
     return text + ("…" if len(body) > RAW_LOG_LIMIT else "")
-
-
-# --- statements ----------------------------------------------------------------------------
-
-
-class StatementReader:
-    """A CSV statement in the funder's `[funders.statement]` mapping, one raw line at a time.
-
-    Only the current line is held. Handles preamble lines, a first summary row and a marked
-    last summary row (count and total are checked), skip words and the status map.
-    """
-
-    def __init__(self, cfg: StatementConfig) -> None:
-        self.cfg = cfg
-        self.zone = ZoneInfo(cfg.timezone)
-        self.line_no = 0
-        self.index: dict[str, int] | None = None
-        self.width = 0
-        self.count = 0
-        self.total = 0
-        self.summary: tuple[int, int] | None = None
-        self.summary_pending = cfg.summary is not None and cfg.summary.position == "first"
-
-    def _fail(self, reason: str) -> WireFormatError:
-        return WireFormatError(f"line {self.line_no}: {reason}")
-
-    def feed(self, raw: bytes) -> StatementLine | None:
-        self.line_no += 1
-        try:
-            text = raw.decode(self.cfg.encoding)
-        except UnicodeDecodeError as e:
-            raise self._fail(f"not {self.cfg.encoding}") from e
-        if self.line_no == 1:
-            text = text.removeprefix("\ufeff")
-        if self.line_no <= self.cfg.preamble_lines or not text.strip():
-            return None
-        try:
-            fields = next(csv.reader([text.rstrip("\r\n")], delimiter=self.cfg.delimiter))
-        except (csv.Error, StopIteration) as e:
-            raise self._fail(f"not CSV: {e}") from e
-        summary = self.cfg.summary
-        if self.summary_pending:
-            self.summary_pending = False
-            self.summary = self._summary(fields)
-            return None
-        if self.index is None:
-            self._header(fields)
-            return None
-        if self.summary is not None and summary is not None and summary.position == "last":
-            raise self._fail("a line after the summary row")
-        if (
-            summary is not None
-            and summary.marker is not None
-            and fields[0].strip() == (summary.marker)
-        ):
-            self.summary = self._summary(fields)
-            return None
-        return self._line(fields)
-
-    def _amount(self, text: str) -> int:
-        value = text.strip()
-        if self.cfg.negative_debits:
-            value = value.removeprefix("-")
-        try:
-            fen = wire_to_fen(value, self.cfg.amount_unit)
-        except WireFormatError as e:
-            raise self._fail(str(e)) from e
-        if fen < 0:
-            raise self._fail(f"negative amount {value[:30]}")
-        return fen
-
-    def _summary(self, fields: list[str]) -> tuple[int, int]:
-        s = self.cfg.summary
-        assert s is not None
-        if len(fields) <= max(s.count_field, s.total_field):
-            raise self._fail("summary row is too short")
-        count = fields[s.count_field].strip()
-        if not count.isdigit():
-            raise self._fail(f"summary count {count[:30]!r} is no number")
-        return int(count), self._amount(fields[s.total_field])
-
-    def _header(self, fields: list[str]) -> None:
-        names = [f.strip() for f in fields]
-        c = self.cfg.columns
-        index: dict[str, int] = {}
-        missing = []
-        for key, name in (
-            ("order_no", c.order_no),
-            ("bank_ref", c.bank_ref),
-            ("amount", c.amount),
-            ("status", c.status),
-            ("booked_at", c.booked_at),
-        ):
-            if name is None:
-                continue
-            if name in names:
-                index[key] = names.index(name)
-            else:
-                missing.append(name)
-        if missing:
-            raise self._fail(f"header lacks column(s) {', '.join(missing)}")
-        self.index, self.width = index, len(names)
-
-    def _line(self, fields: list[str]) -> StatementLine | None:
-        assert self.index is not None
-        ix = self.index
-        if len(fields) != self.width:
-            raise self._fail(f"{len(fields)} fields, expected {self.width}")
-        amount = self._amount(fields[ix["amount"]])
-        self.count += 1
-        self.total += amount
-        word = fields[ix["status"]].strip()
-        if word in self.cfg.skip_statuses:
-            return None
-        status = self.cfg.status_map.get(word)
-        if status is None:
-            raise self._fail(f"unknown status word {word[:30]!r}")
-        order_no = fields[ix["order_no"]].strip()
-        if not order_no:
-            raise self._fail("empty order number")
-        booked_at = None
-        if "booked_at" in ix and (when := fields[ix["booked_at"]].strip()):
-            try:
-                if self.cfg.booked_at_format:
-                    booked_at = datetime.strptime(when, self.cfg.booked_at_format)
-                else:
-                    booked_at = datetime.fromisoformat(when)
-            except ValueError as e:
-                raise self._fail(f"booked_at {when[:40]!r} is not a time") from e
-            if booked_at.tzinfo is None:
-                booked_at = booked_at.replace(tzinfo=self.zone)
-        bank_ref = fields[ix["bank_ref"]].strip() if "bank_ref" in ix else ""
-        return StatementLine(
-            order_no=order_no,
-            bank_ref=bank_ref or None,
-            amount=amount,
-            status=status,
-            booked_at=booked_at,
-        )
-
-    def finish(self) -> None:
-        if self.index is None:
-            raise WireFormatError("statement has no column header")
-        if self.cfg.summary is not None:
-            if self.summary is None:
-                raise WireFormatError(f"truncated: no summary row after {self.count} line(s)")
-            if self.summary != (self.count, self.total):
-                raise WireFormatError(
-                    f"summary says {self.summary[0]} line(s) totalling {self.summary[1]} fen, "
-                    f"the statement has {self.count} totalling {self.total} fen"
-                )
-
-
-def parse_statement(lines: Iterable[bytes], cfg: StatementConfig) -> Iterator[StatementLine]:
-    reader = StatementReader(cfg)
-    for raw in lines:
-        if (line := reader.feed(raw)) is not None:
-            yield line
-    reader.finish()

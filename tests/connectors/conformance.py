@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
@@ -87,6 +87,11 @@ class Harness(Protocol):
 
     def records(self, n: int) -> int:
         """How many StatementLines that file holds (order i has amount 1000 + i)."""
+        ...
+
+    def statement_headers(self, chunks: Iterable[bytes]) -> dict[str, str]:
+        """The headers the bank sends with a statement made of `chunks` (its signature, for
+        a bank that signs statements)."""
         ...
 
 
@@ -178,6 +183,9 @@ class SandboxHarness:
 
     def records(self, n: int) -> int:
         return n
+
+    def statement_headers(self, chunks: Iterable[bytes]) -> dict[str, str]:
+        return {}
 
     def statement_lines(self, n: int) -> Iterator[bytes]:
         yield (sandbox_wire.STATEMENT_HEADER + "\n").encode()
@@ -275,6 +283,12 @@ class SignedJsonHarness:
     def records(self, n: int) -> int:
         return n
 
+    def statement_headers(self, chunks: Iterable[bytes]) -> dict[str, str]:
+        signer = sj_wire.Signer.for_client(sj_wire.parse_options(self.options("http://x")).signing)
+        return sj_wire.sign_statement(
+            signer, chunks, timestamp=str(int(time.time())), nonce="conformance"
+        )
+
     def statement_lines(self, n: int) -> Iterator[bytes]:
         yield b"order_no,bank_ref,amount,status,finished_at\n"
         for i in range(n):
@@ -334,6 +348,9 @@ class IsoHarness:
 
     def records(self, n: int) -> int:
         return n // ISO_LINES_PER_ENTRY + 1  # header and trailer lines come on top
+
+    def statement_headers(self, chunks: Iterable[bytes]) -> dict[str, str]:
+        return {}  # the camt.053 download carries no signature of its own
 
     def statement_lines(self, n: int) -> Iterator[bytes]:
         at = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)

@@ -278,8 +278,12 @@ async def test_large_statement_streams_in_bounded_memory(harness: Harness) -> No
                 chunk, held = [], 0
         yield b"".join(chunk)
 
+    # a bank that signs its statements signs these bytes (computed over a first pass)
+    signed = harness.statement_headers(harness.statement_lines(STATEMENT_LINES))
+
     def handler(_request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=body(), headers={"Content-Type": "text/csv"})
+        headers = {"Content-Type": "text/csv", **signed}
+        return httpx.Response(200, content=body(), headers=headers)
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as mocked:
         connector = harness.build(harness.funder("http://bank.test"), mocked, now)

@@ -17,14 +17,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from structlog.testing import capture_logs
 
-from config.models import Funder
+from config.models import Funder, StatementConfig
 from connectors import registry
-from connectors.base import BankStatus
-from connectors.errors import CallbackRejected, OutcomeUnknown, Rejected
+from connectors.base import BankStatus, StatementLine
+from connectors.errors import CallbackRejected, ConnectorError, OutcomeUnknown, Rejected
 from connectors.signed_json import sandbox as sj_bank
 from connectors.signed_json import wire
 from connectors.signed_json.connector import SignedJsonConnector
-from tests.connectors.conformance import CallbackInbox, order, serve
+from tests.connectors.conformance import CallbackInbox, bank_day, order, serve
 
 BASE = "http://bank.test"
 SECRET = "sj-secret"
@@ -243,6 +243,11 @@ async def test_rsa_signed_payout_and_callback_round_trip(
             assert result.status is BankStatus.ACCEPTED
             event = connector.parse_callback(*await inbox.next())
             assert (event.status, event.amount) == (BankStatus.SUCCEEDED, order(1).amount)
+            # the statement download is signed with the bank's RSA key as well
+            lines = [line async for line in connector.fetch_statement(bank_day())]
+            assert [(x.order_no, x.amount, x.status) for x in lines] == [
+                (order(1).order_no, order(1).amount, "succeeded")
+            ]
     finally:
         await runner.cleanup()
 
@@ -359,6 +364,150 @@ async def test_callbacks_without_signature_or_with_garbage_are_refused(
     with pytest.raises(CallbackRejected) as caught:
         connector.parse_callback(dict(html.headers), b"<html>" + html.content)
     assert caught.value.reason == "bad_signature"
+
+
+# --- signed statement downloads -------------------------------------------------------------
+
+
+STATEMENT = (
+    b"Bank J daily statement\n"  # a preamble line
+    b"order_no,bank_ref,amount,status,finished_at\n"
+    b"CF1-1,B1,1000001,SUCCESS,2026-11-25T10:00:00+08:00\n"
+    b"CF2-1,B2,1000002,FAIL,2026-11-25T10:01:00+08:00\n"
+    b"2,2000003\n"  # an unmarked last summary row: the shared CSV mapping reads it
+)
+STATEMENT_MAPPING = {
+    "preamble_lines": 1,
+    "summary": {"position": "last", "count_field": 0, "total_field": 1},
+    "status_map": {"SUCCESS": "succeeded", "FAIL": "failed"},
+}
+
+
+def signed_statement(
+    body: bytes = STATEMENT,
+    *,
+    secret: str = SECRET,
+    ts: float | None = None,
+    sent: bytes | None = None,
+) -> httpx.Response:
+    """The bank's statement answer: `body` signed, `sent` (default `body`) on the wire."""
+    signer = wire.Signer.for_client(wire.parse_options(options(signing={"secret": secret})).signing)
+    headers = wire.sign_statement(
+        signer, [body[:10], body[10:]], timestamp=str(int(ts or time.time())), nonce="stmt"
+    )
+    return httpx.Response(200, content=body if sent is None else sent, headers=headers)
+
+
+async def statement_of(
+    answer: Callable[[], httpx.Response], **opts: Any
+) -> tuple[list[StatementLine], ConnectorError | None]:
+    """The lines the connector yielded, and the error that ended the download, if any."""
+    got: list[StatementLine] = []
+    f = funder(options(**opts)).model_copy(
+        update={"statement": StatementConfig(**STATEMENT_MAPPING)}
+    )
+    async with httpx.AsyncClient(transport=httpx.MockTransport(lambda _r: answer())) as c:
+        try:
+            async for line in SignedJsonConnector(f, c).fetch_statement(dt.date(2026, 11, 25)):
+                got.append(line)
+        except ConnectorError as e:
+            return got, e
+    return got, None
+
+
+@pytest.mark.asyncio
+async def test_a_signed_statement_is_verified_then_read_with_the_generic_csv_mapping() -> None:
+    lines, error = await statement_of(signed_statement)
+    assert error is None
+    assert [(x.order_no, x.bank_ref, x.amount, x.status) for x in lines] == [
+        ("CF1-1", "B1", 1_000_001, "succeeded"),
+        ("CF2-1", "B2", 1_000_002, "failed"),
+    ]
+
+
+UNSIGNED = lambda: httpx.Response(200, content=STATEMENT)  # noqa: E731
+TAMPERED = lambda: signed_statement(sent=STATEMENT.replace(b"1000002", b"1000009"))  # noqa: E731
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [
+        (UNSIGNED, "bad_signature"),
+        (TAMPERED, "bad_signature"),
+        (lambda: signed_statement(secret="someone-else"), "bad_signature"),
+        (lambda: signed_statement(ts=time.time() - 3600), "stale"),
+        # garbage that would fail parsing is refused for its signature first: never parsed
+        (lambda: httpx.Response(200, content=b"\xff\xfe<html>not csv"), "bad_signature"),
+    ],
+    ids=["unsigned", "tampered", "wrong-key", "stale", "unsigned-garbage"],
+)
+async def test_an_unsigned_or_tampered_statement_is_refused_before_a_line_is_read(
+    answer: Callable[[], httpx.Response], code: str
+) -> None:
+    with capture_logs() as logs:
+        lines, error = await statement_of(answer)
+    assert lines == []
+    assert type(error) is ConnectorError
+    assert error.code == code
+    assert "statement not trusted" in error.message
+    refused = [e for e in logs if e["event"] == "signed_json.statement_refused"]
+    assert refused
+    assert refused[0]["reason"] == code
+
+
+@pytest.mark.asyncio
+async def test_a_genuine_but_malformed_statement_is_a_malformed_statement_error() -> None:
+    broken = STATEMENT.replace(b"2,2000003", b"3,2000003")  # the summary no longer adds up
+    _, error = await statement_of(lambda: signed_statement(broken))
+    assert error is not None
+    assert error.code == "malformed_statement"
+    assert "summary" in error.message
+
+
+@pytest.mark.asyncio
+async def test_statements_are_not_checked_when_responses_are_not_verified() -> None:
+    signing = {"algorithm": "hmac-sha256", "secret": SECRET, "verify_responses": False}
+    lines, error = await statement_of(UNSIGNED, signing=signing)
+    assert (len(lines), error) == (2, None)
+
+
+@pytest.mark.parametrize("algorithm", ["hmac-sha256", "rsa-sha256", "rsa-pss-sha256"])
+def test_a_statement_signed_whole_verifies_as_it_streams_and_not_with_another_key(
+    algorithm: str, keys: dict[str, str]
+) -> None:
+    signing = {
+        "algorithm": algorithm,
+        "secret": SECRET,
+        "private_key": keys["ours"],
+        "bank_public_key": keys["bank_pub"],
+    }
+    opts = wire.parse_options(options(signing=signing))
+    bank = sj_bank.bank_signer(
+        sj_bank.SignedJsonBankOptions(
+            wire=opts, bank_private_key=keys["bank"], client_public_key=keys["our_pub"]
+        )
+    )
+    client = wire.Signer.for_client(opts.signing)
+    # the bank signs the whole message at once; we verify it chunk by chunk
+    whole = bank.sign(wire.statement_prefix("100", "n") + STATEMENT)
+    headers = {"X-Timestamp": "100", "X-Nonce": "n", "X-Signature": whole}
+    check = wire.StatementCheck(client, headers, 100.0)
+    for i in range(0, len(STATEMENT), 7):
+        check.update(STATEMENT[i : i + 7])
+    check.finish()
+    # and a signature the bank streamed verifies as a whole
+    streamed = wire.sign_statement(bank, [STATEMENT], timestamp="100", nonce="n")
+    assert client.verify(wire.statement_prefix("100", "n") + STATEMENT, streamed["X-Signature"])
+    # signed by anyone but the bank: refused
+    impostor = client if algorithm != "hmac-sha256" else wire.Signer(
+        opts.signing, own_key=b"other", peer_key=b"other"
+    )  # fmt: skip
+    forged = wire.sign_statement(impostor, [STATEMENT], timestamp="100", nonce="n")
+    check = wire.StatementCheck(client, forged, 100.0)
+    check.update(STATEMENT)
+    with pytest.raises(wire.SignatureError):
+        check.finish()
 
 
 # --- mTLS ----------------------------------------------------------------------------------

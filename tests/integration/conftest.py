@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from config.loader import DEFAULT_CONFIG, parse_config
 from config.models import FileConfig
+from connectors.base import BankConnector
 from gateway.api import SERVICES
 from gateway.app import Role, create_app
 from gateway.context import Services
@@ -234,6 +235,7 @@ class StartGateway(Protocol):
         gateway: dict[str, Any] | None = None,
         dispatch: dict[str, Any] | None = None,
         funders: dict[str, dict[str, Any]] | None = None,
+        connectors: dict[str, BankConnector] | None = None,
     ) -> Awaitable[Harness]: ...
 
 
@@ -242,7 +244,9 @@ async def start_gateway(
     pool: asyncpg.Pool, lending_core: LendingCore
 ) -> AsyncIterator[StartGateway]:
     """Start gateways (several may share one database); all are stopped after the test and
-    each is checked against the paid-at-most-once oracle."""
+    each is checked against the paid-at-most-once oracle. `connectors` puts real connectors
+    (e.g. against an in-process sandbox bank) in place of the `FakeBank`s of those funders;
+    the test checks their bank's own oracle."""
     started: list[Harness] = []
 
     async def start(
@@ -253,12 +257,15 @@ async def start_gateway(
         gateway: dict[str, Any] | None = None,
         dispatch: dict[str, Any] | None = None,
         funders: dict[str, dict[str, Any]] | None = None,
+        connectors: dict[str, BankConnector] | None = None,
     ) -> Harness:
         cfg = cfg or make_config(
             lending_core.url, gateway=gateway, dispatch=dispatch, funders=funders
         )
-        banks = banks if banks is not None else {f.id: FakeBank(f.id) for f in cfg.funders}
-        app = create_app(cfg, pool=pool, connectors=dict(banks), role=role)
+        real = connectors or {}
+        if banks is None:
+            banks = {f.id: FakeBank(f.id) for f in cfg.funders if f.id not in real}
+        app = create_app(cfg, pool=pool, connectors={**banks, **real}, role=role)
         client = TestClient(TestServer(app, host="127.0.0.1"))
         await client.start_server()
         h = Harness(client, app[SERVICES], banks, pool, lending_core)
