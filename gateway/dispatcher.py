@@ -315,10 +315,14 @@ class Dispatcher(_Loop):
             await note_circuit(conn, svc, a["funder_id"])
             locked = await q.lock_attempt(conn, a["id"])
             assert locked is not None
-            if isinstance(result, NotSent) and row["tries"] > locked["not_sent_count"] + 1:
+            refused_unread = isinstance(result, Rejected) and result.pre_execution
+            if (isinstance(result, NotSent) or refused_unread) and row["tries"] > locked[
+                "not_sent_count"
+            ] + 1:
                 # an earlier claim of this row ended without a recorded outcome (its process
                 # died or its lease ran out mid-call): that request may have reached the bank,
-                # so this attempt can no longer be failed over, only asked about
+                # and "not sent" or "refused before execution" speaks only for this one, so
+                # this attempt can no longer be failed over, only asked about
                 result = OutcomeUnknown(
                     f"{result.message}; an earlier send of this order has no recorded outcome"
                 )

@@ -23,7 +23,7 @@ from aiohttp import web
 from connectors.base import BankStatus, CallbackEvent, PayoutOrder, PayoutResult, StatementLine
 from connectors.errors import CallbackRejected, NotSent, OutcomeUnknown, Rejected
 
-Action = Literal["accept", "process", "succeed", "reject", "not_sent", "unknown"]
+Action = Literal["accept", "process", "succeed", "reject", "refuse_request", "not_sent", "unknown"]
 
 # the bank refuses callbacks signed further away than this, like the sandbox (CONTRACT.md)
 CALLBACK_MAX_SKEW_SECONDS = 300
@@ -35,6 +35,7 @@ class Step:
 
     accept/process/succeed: the order is taken (and executed once) with that status.
     reject: a definitive refusal; `pre_execution=False` records the order as FAILED.
+    refuse_request: the request refused unread (pre-execution), whatever the bank holds.
     not_sent: nothing reached the bank.
     unknown: the answer is lost; `executed` says whether the bank took the order anyway,
     and `then` is the status its ledger holds for it.
@@ -54,6 +55,11 @@ NOT_SENT = Step("not_sent")
 
 def reject(*, pre_execution: bool) -> Step:
     return Step("reject", pre_execution=pre_execution)
+
+
+# refused before the bank looks at the order at all (an HTTP 400/401/403 from its front end):
+# "not executed by this request", which says nothing about an earlier request for the order
+REFUSE_REQUEST = Step("refuse_request")
 
 
 def unknown(*, executed: bool, then: BankStatus = BankStatus.PROCESSING) -> Step:
@@ -170,6 +176,10 @@ class FakeBank:
         if entry is not None and entry.order != order:
             raise Rejected("order number reused with another payload", pre_execution=True)
         match step.action:
+            case "refuse_request":
+                raise Rejected(
+                    f"{self.funder_id}: request refused", code="http_401", pre_execution=True
+                )
             case "not_sent":
                 raise NotSent(f"{self.funder_id}: connection refused")
             case "reject":

@@ -10,7 +10,8 @@ import pytest
 from connectors.base import PayoutOrder
 from gateway.dispatcher import payout_order
 from gateway.store import queries as q
-from tests.integration.conftest import Harness, StartGateway
+from tests.fakes import REFUSE_REQUEST
+from tests.integration.conftest import Harness, StartGateway, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +29,10 @@ async def _claimed_by_a_dead_worker(api: Harness) -> tuple[int, datetime]:
         )
     assert len(rows) == 1
     return rows[0]["ref_id"], leased_until
+
+
+async def _dispatched(api: Harness) -> bool:
+    return await api.outbox("dispatch") == []
 
 
 async def _order_as_the_dispatcher_builds_it(api: Harness, attempt_id: int) -> PayoutOrder:
@@ -76,4 +81,27 @@ async def test_a_dead_worker_that_had_already_sent_the_order_does_not_cause_a_se
     assert len(calls) == 2  # re-sent under the same order number ...
     assert calls[1].at >= leased_until - CLOCK_SLACK
     assert bank.executions == {order.order_no: 1}  # ... and executed once
+    assert api.banks["bank-b"].calls == []
+
+
+@pytest.mark.asyncio
+async def test_a_refused_resend_after_a_dead_worker_is_asked_about_never_failed_over(
+    start_gateway: StartGateway,
+) -> None:
+    """The re-send is refused before the bank looks at the order (a request-level 4xx, say),
+    but the dead worker's call may have executed it: only a status query may decide."""
+    api = await start_gateway(role="api")
+    await api.register()
+    await api.accepted("T-LEASE-REFUSED")
+    attempt_id, _ = await _claimed_by_a_dead_worker(api)
+    bank = api.banks["bank-a"]
+    order = await _order_as_the_dispatcher_builds_it(api, attempt_id)
+    await bank.disburse(order)  # executed by the dead worker's call
+    bank.default = REFUSE_REQUEST  # every later request refused, unread
+
+    await start_gateway(role="worker", banks=api.banks)
+    await eventually(lambda: _dispatched(api), "the re-send to be tried and recorded")
+    d = await api.get("T-LEASE-REFUSED")
+    assert [(a["funder_id"], a["status"]) for a in d["attempts"]] == [("bank-a", "unknown")]
+    assert bank.executions == {order.order_no: 1}
     assert api.banks["bank-b"].calls == []
