@@ -316,9 +316,8 @@ class Dispatcher(_Loop):
             locked = await q.lock_attempt(conn, a["id"])
             assert locked is not None
             refused_unread = isinstance(result, Rejected) and result.pre_execution
-            if (isinstance(result, NotSent) or refused_unread) and row["tries"] > locked[
-                "not_sent_count"
-            ] + 1:
+            earlier_unrecorded = row["tries"] > locked["not_sent_count"] + 1
+            if earlier_unrecorded and (isinstance(result, NotSent) or refused_unread):
                 # an earlier claim of this row ended without a recorded outcome (its process
                 # died or its lease ran out mid-call): that request may have reached the bank,
                 # and "not sent" or "refused before execution" speaks only for this one, so
