@@ -315,9 +315,12 @@ class Dispatcher(_Loop):
             await note_circuit(conn, svc, a["funder_id"])
             locked = await q.lock_attempt(conn, a["id"])
             assert locked is not None
-            refused_unread = isinstance(result, Rejected) and result.pre_execution
             earlier_unrecorded = row["tries"] > locked["not_sent_count"] + 1
-            if earlier_unrecorded and (isinstance(result, NotSent) or refused_unread):
+            if (
+                earlier_unrecorded
+                and isinstance(result, NotSent | Rejected)
+                and (isinstance(result, NotSent) or result.pre_execution)
+            ):
                 # an earlier claim of this row ended without a recorded outcome (its process
                 # died or its lease ran out mid-call): that request may have reached the bank,
                 # and "not sent" or "refused before execution" speaks only for this one, so
