@@ -98,6 +98,7 @@ async def _listen(svc: Services, dispatcher: Dispatcher, stop: asyncio.Event) ->
     while not stop.is_set():
         try:
             async with svc.pool.acquire() as conn:
+                db.holds_session_state(conn)  # LISTEN: reset when released
                 await conn.add_listener(q.DISPATCH_CHANNEL, dispatcher.wake)
                 try:
                     await stop.wait()

@@ -45,6 +45,7 @@ from connectors.sandbox.wire import STATEMENT_COLUMNS
 from gateway import outcomes
 from gateway.context import Services
 from gateway.metrics import ConnectorOutcome, ReconOutcome
+from gateway.store import db
 from gateway.store import queries as q
 from gateway.store import recon_queries as rq
 from reconciliation import schedule
@@ -570,6 +571,7 @@ async def reconcile_day(
     lap = Laps()
     log.info("recon.started", funder_id=funder_id, day=day.isoformat(), trigger=trigger)
     async with svc.pool.acquire() as conn:
+        db.holds_session_state(conn)  # a session advisory lock: reset it when released
         key = f"{funder_id}:{day.isoformat()}"
         got = await conn.fetchval(
             "SELECT pg_try_advisory_lock($1::int, hashtext($2))", RUN_LOCK_CLASS, key
@@ -788,6 +790,7 @@ async def run_due(svc: Services, *, trigger: str = "scheduler") -> list[RunResul
     now_local = svc.clock().astimezone(svc.cfg.gateway.zone)
     latest = schedule.latest_due_day(now_local, svc.cfg.reconciliation.run_at)
     async with svc.pool.acquire() as conn:
+        db.holds_session_state(conn)
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SCHEDULER_LOCK_KEY):
             return results
         try:

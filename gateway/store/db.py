@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import orjson
 
 from config.loader import Settings
 from gateway.store.embedded import EmbeddedPostgres
@@ -53,6 +54,7 @@ async def pending(conn: Conn) -> list[Migration]:
 async def migrate(conn: Conn) -> list[Migration]:
     """Apply every pending migration, each in its own transaction; returns those applied."""
     applied: list[Migration] = []
+    holds_session_state(conn)
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
         await conn.execute(
@@ -74,15 +76,40 @@ async def migrate(conn: Conn) -> list[Migration]:
     return applied
 
 
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 async def _init_connection(conn: Conn) -> None:
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
-    await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    for name in ("jsonb", "json"):
+        await conn.set_type_codec(name, encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
+
+
+# Server pids of pooled connections that took session state (a session-level advisory lock,
+# a LISTEN). Only those get asyncpg's reset query (advisory unlock, CLOSE ALL, UNLISTEN, RESET
+# ALL) when released; the others skip that round trip, one per request otherwise. The code
+# uses no session settings (SET LOCAL only) and no cursors outside transactions.
+_SESSION_STATE: set[int] = set()
+
+
+def holds_session_state(conn: Conn) -> None:
+    """Mark a pooled connection about to take session state: it is reset when released."""
+    _SESSION_STATE.add(conn.get_server_pid())
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    # asyncpg has already rolled back an open transaction and dropped the listener callbacks
+    pid = conn.get_server_pid()
+    if pid in _SESSION_STATE:
+        _SESSION_STATE.discard(pid)
+        await conn.execute(conn.get_reset_query())
 
 
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=30
-    )
+        url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=30,
+        reset=_reset,
+    )  # fmt: skip
     assert pool is not None
     return pool
 
