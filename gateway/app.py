@@ -66,7 +66,9 @@ def create_app(
                 applied = await db.migrate(conn)
                 if applied:
                     log.info("db.migrated", versions=[a.version for a in applied])
-                await pii.encrypt_legacy(conn, Vault(cfg.security))
+                vault = Vault(cfg.security)
+                await pii.encrypt_legacy(conn, vault)
+                await pii.index_names(conn, vault)
                 opening = {f.id: f.prefund_balance for f in cfg.funders if f.mode == "co_lending"}
                 async with conn.transaction():
                     for funder_id in await q.seed_prefund(conn, opening):

@@ -110,29 +110,17 @@ ALL_REFUSED = "FG002"
 DEADLOCK_RETRIES = 3
 
 
-async def _look_up(
-    conn: q.Conn, svc: Services, req: DisbursementRequest, day: date
-) -> asyncpg.Record:
-    """Everything intake reads, in one statement: an earlier use of the txn_no, the payee's
-    whitelist entry, today's usage per scope and the prefund balances."""
+async def _earlier(conn: q.Conn, req: DisbursementRequest, digest: bytes) -> Outcome | None:
+    """The answer to a txn_no seen before, for requests refused before fg_intake (which
+    answers replays itself): a replay still gets its first answer, or 409."""
     row = await conn.fetchrow(
-        """
-        SELECT d.request_hash, d.first_response, a.bank_code, a.account_name_enc,
-               (SELECT jsonb_object_agg(scope, used) FROM
-                  (SELECT scope, sum(used) AS used FROM limit_usage
-                    WHERE business_day = $4 GROUP BY scope) AS u) AS usage,
-               (SELECT jsonb_object_agg(funder_id, balance) FROM prefund) AS prefund
-          FROM (VALUES (1)) AS one
-          LEFT JOIN disbursements d ON d.txn_no = $1
-          LEFT JOIN borrower_accounts a ON a.borrower_id = $2 AND a.account_bidx = $3
-        """,
-        req.txn_no,
-        req.borrower_id,
-        pii.account_index(svc.vault, req.payee.account_no),
-        day,
+        "SELECT request_hash, first_response FROM disbursements WHERE txn_no = $1", req.txn_no
     )
-    assert row is not None
-    return row
+    return None if row is None else _replay(req, digest, row["request_hash"], row["first_response"])
+
+
+# the prefund is checked (and taken) by fg_intake; routing only looks at the funders' offers
+_ANY_PREFUND = 2**62
 
 
 def _replay(req: DisbursementRequest, digest: bytes, request_hash: bytes, body: Any) -> Outcome:
@@ -149,16 +137,13 @@ def _hex(b: bytes) -> str:
 
 
 async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcome:
-    """Validate, route and accept in two statements: one read, then `fg_intake`, which
-    reserves the limits and writes everything of the acceptance in one short transaction."""
+    """Validate and route in Python, then accept in one statement: `fg_intake` answers a
+    replay, checks the whitelist, reserves the limits and writes everything of the acceptance
+    in one short transaction."""
     digest = svc.vault.keyed_digest(req.canonical_bytes())
     now = svc.clock()
     day = svc.business_day(now)
     async with svc.db() as conn:
-        seen = await _look_up(conn, svc, req, day)
-        if seen["request_hash"] is not None:
-            return _replay(req, digest, seen["request_hash"], seen["first_response"])
-
         loan = LoanTerms(
             amount=req.amount,
             term=req.term.to_term(),
@@ -168,49 +153,32 @@ async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcom
         )
         violation = check_loan(loan, svc.cfg.product(req.product), svc.cfg.gateway)
         if violation is not None:
+            earlier = await _earlier(conn, req, digest)
+            if earlier is not None:
+                return earlier
             raise Unprocessable(violation.code, violation.message)
-
-        if (
-            seen["bank_code"] != req.payee.bank_code
-            or pii.account_name(svc.vault, seen) != req.payee.account_name
-        ):
-            raise Unprocessable(
-                "payee_not_whitelisted",
-                "the payee account is not registered for this borrower",
-            )
-
         circuits = await svc.circuits(conn)
-        order, refusals = candidates(
-            svc.cfg.funders,
-            loan,
-            funder_states(svc, seen["usage"] or {}, seen["prefund"] or {}, circuits),
-            hint=req.funder_hint,
-        )
+        states = funder_states(svc, {}, {f.id: _ANY_PREFUND for f in svc.cfg.funders}, circuits)
+        order, refusals = candidates(svc.cfg.funders, loan, states, hint=req.funder_hint)
         if not order:
+            earlier = await _earlier(conn, req, digest)
+            if earlier is not None:
+                return earlier
             code = "limit_exceeded" if all_limit_refusals(refusals) else "no_eligible_funder"
             raise Unprocessable(code, "no funder can take this disbursement",
                                 details=refusal_details(refusals))  # fmt: skip
 
         plan = _Plan(svc, req, digest, client, now, day, order)
-        for attempt in range(DEADLOCK_RETRIES + 1):
-            try:
-                row = await conn.fetchrow(
-                    "SELECT * FROM fg_intake($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
-                    " $12, $13)",
-                    *plan.arguments(),
-                )
-                break
-            except asyncpg.DeadlockDetectedError:
-                if attempt == DEADLOCK_RETRIES:
-                    raise
-                log.warning("intake.deadlock_retried", txn_no=req.txn_no, attempt=attempt + 1)
-            except asyncpg.PostgresError as e:
-                plan.refused(e, refusals)
-                raise
-    assert row is not None
+        row = await _intake(conn, plan, refusals)
+        if row["outcome"] == "check_name":
+            # a whitelist entry older than its name index: compare here, then go on
+            if vault_name(svc, row["account_name_enc"]) != req.payee.account_name:
+                raise _not_whitelisted()
+            row = await _intake(conn, plan, refusals, name_checked=True)
     if row["outcome"] == "exists":
-        # a concurrent duplicate committed first: answer as its replay (or conflict)
         return _replay(req, digest, row["request_hash"], row["first_response"])
+    if row["outcome"] == "not_whitelisted":
+        raise _not_whitelisted()
 
     chosen = order[row["chosen"] - 1]
     svc.wake_dispatch(chosen.id)
@@ -223,6 +191,39 @@ async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcom
         mode=chosen.mode,
     )
     return Outcome(201, plan.bodies[row["chosen"] - 1])
+
+
+def vault_name(svc: Services, account_name_enc: bytes) -> str:
+    return svc.vault.decrypt(account_name_enc, "borrower_accounts.account_name")
+
+
+def _not_whitelisted() -> Unprocessable:
+    return Unprocessable(
+        "payee_not_whitelisted", "the payee account is not registered for this borrower"
+    )
+
+
+async def _intake(
+    conn: q.Conn, plan: _Plan, refusals: list[Refusal], *, name_checked: bool = False
+) -> asyncpg.Record:
+    """One call of fg_intake; its refusals become the API's 422s."""
+    for attempt in range(DEADLOCK_RETRIES + 1):
+        try:
+            row = await conn.fetchrow(
+                "SELECT * FROM fg_intake($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+                " $13, $14, $15)",
+                *plan.arguments(name_checked),
+            )
+            assert row is not None
+            return row
+        except asyncpg.DeadlockDetectedError:
+            if attempt == DEADLOCK_RETRIES:
+                raise
+            log.warning("intake.deadlock_retried", txn_no=plan.req.txn_no, attempt=attempt + 1)
+        except asyncpg.PostgresError as e:
+            plan.refused(e, refusals)
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class _Plan:
@@ -307,11 +308,13 @@ class _Plan:
         lines = ledger.lines_of(ledger.ACCEPTED, entries)
         return q.canonical(ledger.voucher_event(-1, ledger.ACCEPTED, lines, self.req.txn_no, None))
 
-    def arguments(self) -> tuple[Any, ...]:
+    def arguments(self, name_checked: bool) -> tuple[Any, ...]:
         svc, order, allocs = self.svc, self.order, self.allocs
         pairs = list(zip(order, allocs, strict=True))
         return (
             self.row,
+            pii.name_index(svc.vault, self.req.payee.account_name),
+            name_checked,
             svc.cfg.gateway.platform_daily_limit,
             svc.cfg.gateway.limit_buckets,
             self.bucket,
@@ -344,8 +347,7 @@ class _Plan:
                     else "the prefund does not cover the platform share"
                 )
                 refusals.append(Refusal(funder_id, reason, message))
+            code = "limit_exceeded" if all_limit_refusals(refusals) else "no_eligible_funder"
             raise Unprocessable(
-                "limit_exceeded",
-                "every eligible funder's limit was taken concurrently",
-                details=refusal_details(refusals),
+                code, "no funder can take this disbursement", details=refusal_details(refusals)
             ) from None

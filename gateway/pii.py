@@ -16,6 +16,7 @@ from gateway.masking import mask_account, mask_name
 log = structlog.get_logger("fundgate.pii")
 
 ACCOUNT_INDEX = "account_no"  # one index context: the same account matches across tables
+NAME_INDEX = "account_name"  # the whitelisted name, compared by intake inside the database
 
 # (table, key column, [(plaintext legacy column, encrypted column, context, masked column)])
 COLUMNS: dict[str, list[tuple[str, str, str, str]]] = {
@@ -38,9 +39,14 @@ def account_index(vault: Vault, account_no: str) -> bytes:
     return vault.blind(account_no, ACCOUNT_INDEX)
 
 
+def name_index(vault: Vault, account_name: str) -> bytes:
+    return vault.blind(account_name, NAME_INDEX)
+
+
 def account_columns(vault: Vault, account_no: str, account_name: str) -> dict[str, Any]:
     return {
         "account_bidx": account_index(vault, account_no),
+        "name_bidx": name_index(vault, account_name),
         "account_no_enc": vault.encrypt(account_no, "borrower_accounts.account_no"),
         "account_name_enc": vault.encrypt(account_name, "borrower_accounts.account_name"),
         "account_masked": mask_account(account_no),
@@ -68,6 +74,27 @@ def payee(vault: Vault, row: asyncpg.Record) -> tuple[str, str]:
         vault.decrypt(row["payee_account_no_enc"], "disbursements.payee_account_no"),
         vault.decrypt(row["payee_account_name_enc"], "disbursements.payee_account_name"),
     )
+
+
+async def index_names(conn: asyncpg.Connection | Any, vault: Vault, batch: int = 500) -> int:
+    """Give whitelist rows registered before `name_bidx` existed their name's blind index."""
+    done = 0
+    while True:
+        rows = await conn.fetch(
+            "SELECT id, account_name_enc FROM borrower_accounts"
+            " WHERE name_bidx IS NULL AND account_name_enc IS NOT NULL LIMIT $1",
+            batch,
+        )
+        if not rows:
+            break
+        await conn.executemany(
+            "UPDATE borrower_accounts SET name_bidx = $2 WHERE id = $1",
+            [(r["id"], name_index(vault, account_name(vault, r))) for r in rows],
+        )
+        done += len(rows)
+    if done:
+        log.info("pii.names_indexed", rows=done)
+    return done
 
 
 async def encrypt_legacy(conn: asyncpg.Connection | Any, vault: Vault, batch: int = 500) -> int:

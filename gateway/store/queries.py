@@ -31,13 +31,14 @@ async def upsert_account(
     row = await conn.fetchrow(
         """
         INSERT INTO borrower_accounts (borrower_id, account_bidx, account_no_enc,
-                                       account_name_enc, account_masked, name_masked, bank_code)
-        VALUES ($1, $2, $3, $4, $5, $6, $7)
+                                       account_name_enc, account_masked, name_masked, bank_code,
+                                       name_bidx)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
         ON CONFLICT (borrower_id, account_bidx) DO UPDATE
            SET account_no_enc = EXCLUDED.account_no_enc,
                account_name_enc = EXCLUDED.account_name_enc,
                account_masked = EXCLUDED.account_masked, name_masked = EXCLUDED.name_masked,
-               bank_code = EXCLUDED.bank_code
+               bank_code = EXCLUDED.bank_code, name_bidx = EXCLUDED.name_bidx
         RETURNING *, (xmax = 0) AS inserted
         """,
         borrower_id,
@@ -47,6 +48,7 @@ async def upsert_account(
         columns["account_masked"],
         columns["name_masked"],
         bank_code,
+        columns["name_bidx"],
     )
     assert row is not None
     return row

@@ -155,3 +155,27 @@ async def test_rows_written_before_encryption_are_encrypted_at_start(
             await conn.fetchval("SELECT count(*) FROM borrower_accounts WHERE borrower_id = 'OLD'")
             == 1
         )
+
+
+@pytest.mark.asyncio
+async def test_a_whitelist_entry_without_a_name_index_is_checked_by_name_then_indexed(
+    start_gateway: StartGateway,
+) -> None:
+    """Intake compares the name through its blind index inside the database; an entry from
+    before that index existed is compared after decryption, and indexed at the next start."""
+    h = await start_gateway(role="api")
+    await h.register()
+    async with h.pool.acquire() as conn:
+        await conn.execute("UPDATE borrower_accounts SET name_bidx = NULL")
+    status, body = await h.disburse("PII-OLD-WRONG", payee={**ACCOUNT, "account_name": "李四"})
+    assert (status, body["error"]["code"]) == (422, "payee_not_whitelisted")
+    await h.accepted("PII-OLD-RIGHT")
+
+    async with h.pool.acquire() as conn:
+        assert await pii.index_names(conn, h.svc.vault) == 1
+        assert await pii.index_names(conn, h.svc.vault) == 0
+        stored = await conn.fetchval("SELECT name_bidx FROM borrower_accounts")
+    assert stored == pii.name_index(h.svc.vault, NAME)
+    status, body = await h.disburse("PII-NEW-WRONG", payee={**ACCOUNT, "account_name": "李四"})
+    assert (status, body["error"]["code"]) == (422, "payee_not_whitelisted")
+    await h.accepted("PII-NEW-RIGHT")

@@ -25,6 +25,10 @@ ALTER TABLE limit_usage
     ADD PRIMARY KEY (scope, business_day, bucket),
     ADD CONSTRAINT limit_usage_within_share CHECK (used <= share);
 
+-- a keyed digest (blind index) of the whitelisted account name, so that intake checks the
+-- whitelist inside fg_intake; NULL for rows written before it (filled at start, pii.py)
+ALTER TABLE borrower_accounts ADD COLUMN name_bidx bytea;
+
 -- which bucket holds a disbursement's platform usage, and an attempt's funder usage
 ALTER TABLE disbursements ADD COLUMN platform_bucket integer NOT NULL DEFAULT 0;
 ALTER TABLE attempts ADD COLUMN limit_bucket integer NOT NULL DEFAULT 0;
@@ -111,6 +115,11 @@ BEGIN
     EXCEPTION WHEN SQLSTATE 'FG000' THEN
         NULL;
     END;
+    -- a day already full refuses without locking anything (no queue behind a full limit)
+    IF (SELECT coalesce(sum(used), 0) FROM limit_usage
+         WHERE scope = p_scope AND business_day = p_day) + p_amount > p_cap THEN
+        RETURN -1;
+    END IF;
     BEGIN
         IF fg_limit_rebalance(p_scope, p_day, p_bucket, p_amount, p_cap, p_buckets, false) THEN
             RETURN p_bucket;
@@ -122,21 +131,30 @@ BEGIN
 END $$;
 
 
--- One intake in one statement (one round trip, one short transaction): insert the
--- disbursement unless its txn_no exists, reserve the platform's daily limit, then try the
--- candidate funders in routing order (daily limit, and the prefund for co-lending) and,
--- for the first that has room, write the attempt, the dispatch outbox row, the ledger
--- posting with its voucher, the acceptance voucher and the first response.
+-- One intake in one statement (one round trip, one short transaction): answer a txn_no seen
+-- before, check the payee against the whitelist, insert the disbursement unless its txn_no
+-- exists (a concurrent duplicate waits here for the first one's commit), reserve the
+-- platform's daily limit, then try the candidate funders in routing order (daily limit, and
+-- the prefund for co-lending) and, for the first that has room, write the attempt, the
+-- dispatch outbox row, the ledger posting with its voucher, the acceptance voucher and the
+-- first response (with the row, or with the re-routing).
 --
 -- The caller computes everything per candidate beforehand (allocations, the response body,
--- the voucher texts), so the function only decides and writes. Returns
---   ('created', disbursement id, index of the chosen candidate (1-based), NULL, NULL)
---   ('exists',  id, NULL, request_hash, first_response)   -- the txn_no was taken
+-- the voucher texts), so the function only decides and writes. Returns one row:
+--   ('created', disbursement id, index of the chosen candidate (1-based), NULL, NULL, NULL)
+--   ('exists',  id, NULL, request_hash, first_response, NULL)   -- the txn_no was taken
+--   ('not_whitelisted', NULL, ...)                            -- no such payee account
+--   ('check_name', NULL, NULL, NULL, NULL, account_name_enc)  -- an account registered
+--        before name_bidx existed: the caller compares the name and calls again with
+--        p_name_checked
 -- and raises SQLSTATE FG001 (the platform limit) or FG002 (every candidate refused; the
--- DETAIL is a JSON object funder id -> 'daily_limit' | 'prefund'), rolling everything back.
--- The ledger voucher's text carries the placeholder "tx":-1 for the ledger transaction id.
+-- DETAIL is a JSON object funder id -> 'daily_limit' | 'prefund_insufficient'), rolling
+-- everything back. The ledger voucher's text carries the placeholder "tx":-1 for the ledger
+-- transaction id.
 CREATE OR REPLACE FUNCTION fg_intake(
     p_row jsonb,                 -- the disbursements row (column -> value) for candidate 1
+    p_name_bidx bytea,           -- blind index of the payee's account name
+    p_name_checked boolean,      -- the caller already compared the name (see 'check_name')
     p_platform_cap bigint,
     p_buckets integer,
     p_bucket integer,
@@ -150,7 +168,7 @@ CREATE OR REPLACE FUNCTION fg_intake(
     p_vouchers text[],           -- the disbursement.accepted voucher per candidate
     p_ledger_vouchers text[]     -- the ledger.disbursement.accepted voucher per candidate
 ) RETURNS TABLE (outcome text, id bigint, chosen integer, request_hash bytea,
-                 first_response jsonb)
+                 first_response jsonb, account_name_enc bytea)
 LANGUAGE plpgsql AS $$
 DECLARE
     did      bigint;
@@ -165,7 +183,29 @@ DECLARE
     v_txn    text := p_row ->> 'txn_no';
     v_now    timestamptz := (p_row ->> 'created_at')::timestamptz;
     refused  jsonb := '{}';
+    acct     record;
 BEGIN
+    RETURN QUERY SELECT 'exists'::text, d.id, NULL::integer, d.request_hash, d.first_response,
+                        NULL::bytea
+                   FROM disbursements AS d WHERE d.txn_no = v_txn;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    SELECT a.name_bidx, a.account_name_enc INTO acct FROM borrower_accounts AS a
+     WHERE a.borrower_id = p_row ->> 'borrower_id'
+       AND a.account_bidx = (p_row ->> 'payee_account_bidx')::bytea
+       AND a.bank_code = p_row ->> 'payee_bank_code';
+    IF NOT FOUND OR (acct.name_bidx IS NOT NULL AND acct.name_bidx <> p_name_bidx) THEN
+        RETURN QUERY SELECT 'not_whitelisted'::text, NULL::bigint, NULL::integer, NULL::bytea,
+                            NULL::jsonb, NULL::bytea;
+        RETURN;
+    END IF;
+    IF acct.name_bidx IS NULL AND NOT p_name_checked THEN
+        RETURN QUERY SELECT 'check_name'::text, NULL::bigint, NULL::integer, NULL::bytea,
+                            NULL::jsonb, acct.account_name_enc;
+        RETURN;
+    END IF;
+
     INSERT INTO disbursements (
         txn_no, request_hash, client, loan_id, borrower_id, amount, currency, term_unit,
         term_count, apr, product, repayment, payee_account_bidx, payee_account_no_enc,
@@ -181,8 +221,9 @@ BEGIN
       FROM jsonb_populate_record(NULL::disbursements, p_row) AS r
     ON CONFLICT (txn_no) DO NOTHING
     RETURNING disbursements.id INTO did;
-    IF did IS NULL THEN
-        RETURN QUERY SELECT 'exists'::text, d.id, NULL::integer, d.request_hash, d.first_response
+    IF did IS NULL THEN  -- a concurrent duplicate committed first
+        RETURN QUERY SELECT 'exists'::text, d.id, NULL::integer, d.request_hash, d.first_response,
+                            NULL::bytea
                        FROM disbursements AS d WHERE d.txn_no = v_txn;
         RETURN;
     END IF;
@@ -206,7 +247,7 @@ BEGIN
                 UPDATE limit_usage SET used = used - v_amount, share = share - v_amount
                  WHERE scope = 'funder:' || p_funders[i] AND business_day = v_day
                    AND bucket = fb;
-                refused := refused || jsonb_build_object(p_funders[i], 'prefund');
+                refused := refused || jsonb_build_object(p_funders[i], 'prefund_insufficient');
                 CONTINUE;
             END IF;
         END IF;
@@ -245,5 +286,5 @@ BEGIN
     VALUES ('ledger.disbursement.accepted', v_txn,
             replace(p_ledger_vouchers[k], '"tx":-1', '"tx":' || tx)),
            ('disbursement.accepted', v_txn, p_vouchers[k]);
-    RETURN QUERY SELECT 'created'::text, did, k, NULL::bytea, NULL::jsonb;
+    RETURN QUERY SELECT 'created'::text, did, k, NULL::bytea, NULL::jsonb, NULL::bytea;
 END $$;
