@@ -9,8 +9,10 @@ never duplicates a break. A run happens in three steps:
    its raw bytes, checked in SQL; anything else through its parser; a bad file raises
    `StatementError` and the transaction rolls back: nothing is half-applied, the run is
    marked failed with the reason and its line, and can be re-run once the file is fixed),
-   refuse duplicated lines, classify (`reconciliation.classify`), record what the statement
-   listed, sweep the pending pool, write the breaks;
+   record what the statement listed, refuse duplicated lines, match it in one SQL statement
+   (plain matches only counted), classify the rest (`reconciliation.classify`), sweep the
+   pending pool, write the breaks; then, in a short transaction of its own, drop the
+   funder's partitions of `recon_seen` that no later run looks back on;
 2. each automatic resolution in its own short transaction with the attempt locked, so
    limits, prefund and callbacks are never blocked for the length of a run. A run that dies
    here is finished by re-running the day;
@@ -72,6 +74,9 @@ SCHEDULER_LOCK_KEY = 0x7265636F6E63696C  # "reconcil": one process runs the sche
 # searched for an earlier payout, and the pending pool looks back this much past the window
 EARLIER_DAYS = 7
 ODD_PAGE = 5000  # orders read back per round trip for one-by-one classification
+# automatic resolutions applied at once, each its own transaction on its own connection: a
+# resolution is a handful of short round trips, so a few overlap their waits
+AUTO_WORKERS = 4
 COPY_CHUNK = 1 << 20  # bytes of a statement file per COPY message (the fast path)
 PROGRESS_EVERY = 2000  # statement lines between progress reports (and event-loop yields)
 SCHEDULER_POLL_SECONDS = 60.0
@@ -109,6 +114,7 @@ class RunResult:
     summary: Summary
     seconds: float
     breaks: list[dict[str, Any]] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (`Laps`)
 
     @property
     def ok(self) -> bool:
@@ -249,6 +255,11 @@ async def _records(
 # ---------------------------------------------------------------- one run
 
 
+def _keep_from(svc: Services, day: date) -> date:
+    """The oldest statement day whose listed orders and pending pool a run of `day` keeps."""
+    return day - timedelta(days=svc.cfg.reconciliation.window_days + EARLIER_DAYS + 1)
+
+
 def _day_bounds(svc: Services, day: date) -> tuple[datetime, datetime]:
     zone = svc.cfg.gateway.zone
     start = datetime.combine(day, datetime.min.time(), tzinfo=zone)
@@ -317,7 +328,7 @@ async def _classify(
     lap = lap or Laps()
     window = svc.cfg.reconciliation.window_days
     earlier_from = day - timedelta(days=EARLIER_DAYS)
-    keep_from = day - timedelta(days=window + EARLIER_DAYS + 1)
+    keep_from = _keep_from(svc, day)
     summary = Summary()
 
     path = statement_path(funder, day)
@@ -329,18 +340,19 @@ async def _classify(
         if progress is not None:
             progress(counter[0])
     lap("stage")
-    summary.lines, summary.amount = await rq.aggregate_stage(conn)
-    lap("aggregate")
+    await rq.record_seen(conn, funder.id, day)
+    lap("seen")
+    await rq.find_multi(conn, funder.id, day)
     dup = await rq.duplicate_line(conn)
     lap("duplicates")
     if dup is not None:
         raise StatementError(f"duplicate line: repeats line {dup[0]}", dup[1])
-
     zone = svc.cfg.gateway.timezone
-    n, amount = await rq.join_records(conn, funder.id, day, earlier_from, run_id, zone)
-    summary.matched.add(amount, n)
-    summary.ledger.statement_paid, summary.ledger.other_days = await rq.statement_paid(conn)
-    lap("join")
+    totals = await rq.match(conn, funder.id, day, earlier_from, run_id, zone)
+    summary.lines, summary.amount = totals.lines, totals.amount
+    summary.matched.add(totals.matched_amount, totals.matched)
+    summary.ledger.statement_paid, summary.ledger.other_days = totals.paid, totals.other_days
+    lap("match")
 
     await rq.create_new_breaks(conn)
     after = 0
@@ -384,8 +396,6 @@ async def _classify(
             await rq.copy_new_breaks(conn, batch)
 
     lap("classify")
-    await rq.record_seen(conn, funder.id, day, keep_from)
-    lap("seen")
     start, end = _day_bounds(svc, day)
     await rq.sweep_pending(conn, funder.id, day, start, end, keep_from)
     lap("pending")
@@ -442,76 +452,103 @@ async def _classify(
 async def _auto_resolve(
     svc: Services, funder_id: str, day: date, run_id: int, summary: Summary
 ) -> None:
-    """Step 2: each certain answer applied through the state machine, one attempt at a time."""
+    """Step 2: each certain answer applied through the state machine, one attempt per
+    transaction (the attempt locked, limits, prefund, ledger, voucher and webhook with it, as
+    for a bank callback), by up to `AUTO_WORKERS` transactions at once on their own
+    connections, as concurrent bank callbacks are: they touch different attempts, the limit
+    rows they share are locked in the one order every limit-moving transaction uses
+    (`outcomes.move`), and none depends on another's outcome."""
     async with svc.pool.acquire() as conn:
         pending = await rq.auto_pending(conn, run_id)
-    for b in pending:
-        async with svc.pool.acquire() as conn, conn.transaction():
-            a = await q.lock_attempt(conn, b["attempt_id"])
-            brk = await rq.lock_break(conn, b["id"])
-            if a is None or brk is None or brk["status"] != "auto_pending":
-                continue
-            evidence = brk["evidence"] or {}
-            bank = _bank_of(evidence)
-            day_of = svc.business_day(a["created_at"])
-            d = classify(Ours(a["status"], a["amount"], day_of), bank)
-            status = d.bank_status
-            t = brk["type"]
-            if status is None and d.verdict is not Verdict.MATCHED:
-                # the gateway moved meanwhile and now disagrees for good: a person decides
-                await rq.update_break(conn, brk["id"], status="open", reason=d.reason)
-                continue
-            moved = False
-            if status is not None:
-                moved = await outcomes.apply_bank_status(
-                    conn,
-                    svc,
-                    a,
-                    status,
-                    bank_ref=brk["bank_ref"],
-                    fail_code="failed_on_statement" if status is BankStatus.FAILED else None,
-                    fail_reason=f"the bank's statement of {day} lists it as failed"
-                    if status is BankStatus.FAILED
-                    else None,
-                    source=SOURCE,
-                )
-            note = (
-                f"set to {status.value} from the statement of {day} line {brk['line_no']}"
-                if moved and status is not None
-                else f"already {a['status']} when the run applied the statement"
-            )
-            await rq.update_break(
+    if not pending:
+        return
+    # the caller holds one connection of the pool for the run: leave it one to spare
+    workers = max(1, min(AUTO_WORKERS, svc.pool.get_max_size() - 1, len(pending)))
+    queue = iter(pending)
+
+    async def work() -> None:
+        for b in queue:  # one shared iterator: each break is taken by exactly one worker
+            await _auto_resolve_one(svc, funder_id, day, run_id, summary, b)
+
+    tasks = [asyncio.create_task(work()) for _ in range(workers)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _auto_resolve_one(
+    svc: Services, funder_id: str, day: date, run_id: int, summary: Summary, b: Any
+) -> None:
+    async with svc.pool.acquire() as conn, conn.transaction():
+        a = await q.lock_attempt(conn, b["attempt_id"])
+        brk = await rq.lock_break(conn, b["id"])
+        if a is None or brk is None or brk["status"] != "auto_pending":
+            return
+        evidence = brk["evidence"] or {}
+        bank = _bank_of(evidence)
+        day_of = svc.business_day(a["created_at"])
+        d = classify(Ours(a["status"], a["amount"], day_of), bank)
+        status = d.bank_status
+        t = brk["type"]
+        if status is None and d.verdict is not Verdict.MATCHED:
+            # the gateway moved meanwhile and now disagrees for good: a person decides
+            await rq.update_break(conn, brk["id"], status="open", reason=d.reason)
+            return
+        moved = False
+        if status is not None:
+            moved = await outcomes.apply_bank_status(
                 conn,
-                brk["id"],
-                status="auto_resolved",
-                resolution="auto",
-                resolved_by=SOURCE,
-                resolved_at=svc.clock(),
-                note=note,
+                svc,
+                a,
+                status,
+                bank_ref=brk["bank_ref"],
+                fail_code="failed_on_statement" if status is BankStatus.FAILED else None,
+                fail_reason=f"the bank's statement of {day} lists it as failed"
+                if status is BankStatus.FAILED
+                else None,
+                source=SOURCE,
             )
-            await q.voucher(
-                conn,
-                "recon.auto_resolved",
-                {
-                    "break_id": brk["id"],
-                    "run_id": run_id,
-                    "funder_id": funder_id,
-                    "order_no": brk["order_no"],
-                    "type": t,
-                    "from": a["status"],
-                    "to": status.value if moved and status is not None else a["status"],
-                    "evidence": evidence,
-                },
-                a["txn_no"],
-            )
-        summary.auto_resolved[t].add(brk["our_amount"] or 0)
-        log.info(
-            "recon.auto_resolved",
-            funder_id=funder_id,
-            order_no=brk["order_no"],
-            type=t,
-            moved=moved,
+        note = (
+            f"set to {status.value} from the statement of {day} line {brk['line_no']}"
+            if moved and status is not None
+            else f"already {a['status']} when the run applied the statement"
         )
+        await rq.update_break(
+            conn,
+            brk["id"],
+            status="auto_resolved",
+            resolution="auto",
+            resolved_by=SOURCE,
+            resolved_at=svc.clock(),
+            note=note,
+        )
+        await q.voucher(
+            conn,
+            "recon.auto_resolved",
+            {
+                "break_id": brk["id"],
+                "run_id": run_id,
+                "funder_id": funder_id,
+                "order_no": brk["order_no"],
+                "type": t,
+                "from": a["status"],
+                "to": status.value if moved and status is not None else a["status"],
+                "evidence": evidence,
+            },
+            a["txn_no"],
+        )
+    summary.auto_resolved[t].add(brk["our_amount"] or 0)
+    log.info(
+        "recon.auto_resolved",
+        funder_id=funder_id,
+        order_no=brk["order_no"],
+        type=t,
+        moved=moved,
+    )
 
 
 async def _check_ledger(
@@ -583,6 +620,7 @@ async def reconcile_day(
             run_id = int(run["id"])
             try:
                 async with conn.transaction():
+                    await rq.tune_run(conn)
                     summary = await _classify(conn, svc, funder, day, run_id, progress, lap)
             except (StatementError, ConnectorError) as e:
                 reason = str(e)
@@ -596,6 +634,10 @@ async def reconcile_day(
                     await rq.fail_run(conn, run_id, f"internal error: {type(e).__name__}: {e}")
                 raise
             lap("commit")
+            pruned = await rq.prune_seen(conn, funder_id, _keep_from(svc, day))
+            if pruned:
+                log.info("recon.seen_pruned", funder_id=funder_id, tables=pruned)
+            lap("prune")
             await _auto_resolve(svc, funder_id, day, run_id, summary)
             lap("auto_resolve")
             async with conn.transaction():
@@ -623,7 +665,9 @@ async def reconcile_day(
         seconds=round(seconds, 3),
         phases=lap.seconds,
     )
-    return RunResult(run_id, funder_id, day, "succeeded", None, summary, seconds)
+    return RunResult(
+        run_id, funder_id, day, "succeeded", None, summary, seconds, phases=lap.seconds
+    )
 
 
 def _observe(

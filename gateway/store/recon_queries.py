@@ -1,15 +1,25 @@
 """Every query of the nightly reconciliation (`gateway.reconcile`). Functions take a
 connection; the caller owns the transaction.
 
-A run streams its statement into a temporary table with COPY and does the matching where
-the data lives: per order aggregates (`recon_bank`), joined against the funder's attempts and
-earlier statements (`recon_joined`); the common case (one line, same amount, same final
-status) is counted in SQL and only the rest is read back to be classified one by one.
+A run streams its statement into a temporary table with COPY, records the orders it lists
+(its own partition of `recon_seen`), and does the matching where the data lives, in one
+statement: each order the statement lists (its line, or the lines of the few orders on
+several, aggregated) joined against the funder's attempts and earlier statements; the common
+case (one line, same amount, same final status) is only counted, and the rest is kept
+(`recon_odd`) and read back to be classified one by one.
+
+Order numbers in the run's temporary tables and in `recon_seen` compare bytewise (`COLLATE
+"C"`, migration 0012): a million of them are sorted and indexed per run, and a locale-aware
+comparison sorts them half as fast for the same answer (equality is the same under every
+deterministic collation). Where such a column meets one of the default collation
+(`attempts`, `recon_breaks`, `recon_pending`), one side is given the other's collation
+explicitly, the temporary side where a permanent table's index should stay usable.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
@@ -118,8 +128,8 @@ async def create_stage(conn: Conn) -> None:
         """
         CREATE TEMP TABLE recon_stage (
             line_no   bigint NOT NULL,
-            order_no  text   NOT NULL,
-            bank_ref  text,
+            order_no  text COLLATE "C" NOT NULL,
+            bank_ref  text COLLATE "C",
             amount    bigint NOT NULL,
             status    text   NOT NULL,
             booked_at timestamptz
@@ -130,6 +140,9 @@ async def create_stage(conn: Conn) -> None:
 
 async def copy_stage(conn: Conn, records: AsyncIterable[tuple[Any, ...]]) -> None:
     await conn.copy_records_to_table("recon_stage", records=records, columns=STAGE_COLUMNS)
+    # statistics before the joins: without them a temporary table looks like a few hundred
+    # orders, and a million index look-ups into `attempts` replace one hash join
+    await conn.execute("ANALYZE recon_stage")
 
 
 # ---- the fast path of a sandbox-CSV file: its bytes COPYed as they are, checked in SQL
@@ -151,7 +164,8 @@ async def create_raw(conn: Conn) -> None:
         """
         CREATE TEMP TABLE recon_raw (
             line_no     bigint GENERATED ALWAYS AS IDENTITY (START WITH 2),
-            order_no    text, bank_ref text, amount bigint, status text, finished_at text
+            order_no text COLLATE "C", bank_ref text COLLATE "C", amount bigint, status text,
+            finished_at text
         ) ON COMMIT DROP
         """
     )
@@ -186,6 +200,7 @@ async def stage_raw(conn: Conn) -> bool:
     )
     if odd:
         return False
+    await conn.execute("ANALYZE recon_raw")  # as `copy_stage`: the joins need its shape
     await conn.execute(
         f"""
         CREATE TEMP VIEW recon_stage ({", ".join(STAGE_COLUMNS)}) AS
@@ -209,14 +224,47 @@ async def drop_stage(conn: Conn) -> None:
         await conn.execute("DROP VIEW recon_stage")
 
 
+# the run's transaction: its hash aggregate and joins over a million orders spill to disk at
+# PostgreSQL's 4 MB default; SET LOCAL ends with the transaction
+RUN_WORK_MEM = "64MB"
+
+
+async def tune_run(conn: Conn) -> None:
+    """Session settings for the run's one big transaction (`SET LOCAL`: they end with it).
+
+    `synchronous_commit = off` lets its commit return before the WAL reaches the disk. It
+    writes only what the statement derives (the orders it listed, the pending pool, breaks),
+    and a day is re-run idempotently; a crash in that moment loses the whole transaction, never
+    part of it (the run stays `running` and the scheduler runs the day again), and any later
+    durable commit (an automatic resolution, a person's resolution) flushes the WAL up to
+    itself first, so nothing that depends on it can survive without it. The state machine's
+    transactions (`gateway.outcomes`) keep the server's setting."""
+    await conn.execute(f"SET LOCAL work_mem = '{RUN_WORK_MEM}'")
+    await conn.execute("SET LOCAL synchronous_commit = off")
+
+
+async def find_multi(conn: Conn, funder_id: str, day: date) -> None:
+    """The orders listed on more than one line (`recon_multi`), read from what `record_seen`
+    recorded of this statement: few, and the only ones that need aggregating; every other
+    order is its one line as it is."""
+    await conn.execute(
+        """CREATE TEMP TABLE recon_multi ON COMMIT DROP AS
+           SELECT order_no, lines FROM recon_seen
+            WHERE funder_id = $1 AND business_day = $2 AND lines > 1""",
+        funder_id,
+        day,
+    )
+    await conn.execute("ANALYZE recon_multi")
+
+
 async def duplicate_line(conn: Conn) -> tuple[int, int] | None:
     """(first, repeat) line numbers of the first line that repeats another exactly. Only
-    orders listed more than once can hold one (after `aggregate_stage`)."""
+    orders listed more than once can hold one (after `find_multi`)."""
     row = await conn.fetchrow(
         """
         SELECT lines[1] AS first, lines[2] AS repeat FROM (
             SELECT array_agg(s.line_no ORDER BY s.line_no) AS lines
-              FROM recon_stage s JOIN recon_bank b ON b.order_no = s.order_no AND b.lines > 1
+              FROM recon_stage s JOIN recon_multi m ON m.order_no = s.order_no
              GROUP BY s.order_no, s.bank_ref, s.amount, s.status, s.booked_at
             HAVING count(*) > 1) d
          ORDER BY lines[2] LIMIT 1
@@ -225,66 +273,83 @@ async def duplicate_line(conn: Conn) -> tuple[int, int] | None:
     return None if row is None else (row["first"], row["repeat"])
 
 
-async def aggregate_stage(conn: Conn) -> tuple[int, int]:
-    """Per order aggregates of the statement; returns (lines, total amount)."""
-    await conn.execute(
-        """
-        CREATE TEMP TABLE recon_bank ON COMMIT DROP AS
-        SELECT order_no,
-               count(*)::int                                      AS lines,
-               (count(*) FILTER (WHERE status = 'succeeded'))::int AS succeeded,
-               (count(*) FILTER (WHERE status = 'failed'))::int    AS failed,
-               (count(*) FILTER (WHERE status = 'reversed'))::int  AS reversed,
-               min(amount)                                        AS amount_min,
-               max(amount)                                        AS amount_max,
-               min(line_no)                                       AS line_no,
-               min(bank_ref)                                      AS bank_ref,
-               (coalesce(sum(amount) FILTER (WHERE status = 'succeeded'), 0)
-                - coalesce(sum(amount) FILTER (WHERE status = 'reversed'), 0))::bigint
-                                                                  AS net_paid,
-               sum(amount)                                        AS total
-          FROM recon_stage GROUP BY order_no
-        """
-    )
-    await conn.execute("ANALYZE recon_bank")
-    row = await conn.fetchrow(
-        "SELECT coalesce(sum(lines), 0)::bigint AS n, coalesce(sum(total), 0)::bigint AS total"
-        " FROM recon_bank"
-    )
-    assert row is not None
-    return int(row["n"]), int(row["total"])
+# What the statement says per order: an order on one line is that line; the orders on several
+# (`recon_multi`) are aggregated. The same columns either way.
+_BANK = """(
+    SELECT order_no, 1 AS lines,
+           (status = 'succeeded')::int AS succeeded,
+           (status = 'failed')::int    AS failed,
+           (status = 'reversed')::int  AS reversed,
+           amount AS amount_min, amount AS amount_max, line_no, bank_ref,
+           CASE status WHEN 'succeeded' THEN amount WHEN 'reversed' THEN -amount
+                       ELSE 0 END AS net_paid
+      FROM recon_stage s
+     WHERE NOT EXISTS (SELECT 1 FROM recon_multi m WHERE m.order_no = s.order_no)
+    UNION ALL
+    SELECT order_no,
+           count(*)::int,
+           (count(*) FILTER (WHERE status = 'succeeded'))::int,
+           (count(*) FILTER (WHERE status = 'failed'))::int,
+           (count(*) FILTER (WHERE status = 'reversed'))::int,
+           min(amount), max(amount), min(line_no), min(bank_ref),
+           sum(CASE status WHEN 'succeeded' THEN amount WHEN 'reversed' THEN -amount
+                           ELSE 0 END)::bigint
+      FROM recon_stage s
+     WHERE s.order_no IN (SELECT order_no FROM recon_multi)
+     GROUP BY order_no)"""
 
 
-async def join_records(
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """What `match` counted in SQL: the statement's lines and amount, the plain matches, and
+    its net paid total (succeeded minus reversed lines) with the part of it for orders whose
+    business day is another one."""
+
+    lines: int
+    amount: int
+    matched: int
+    matched_amount: int
+    paid: int
+    other_days: int
+
+
+async def match(
     conn: Conn, funder_id: str, day: date, earlier_from: date, run_id: int, zone: str
-) -> tuple[int, int]:
-    """Join the statement with our attempts and earlier statements; returns the count and
-    amount of plain matches (one line, never listed before, same amount and final status),
-    which need nothing more, and keeps the rest (`recon_odd`) and the statement's paid
-    totals (`statement_paid`)."""
+) -> Totals:
+    """Match the staged statement (after `record_seen` and `find_multi`) in one statement:
+    each order joined with our attempt, its disbursement and what earlier statements of the
+    last days listed; only the orders that are not plain matches are kept (`recon_odd`, in
+    statement order), to be classified one by one. A plain match is one line, never listed
+    before, not already resolved by this day's run, same amount and final status
+    (`reconciliation.classify.is_plain_match`) of an order of this business day: it changes
+    nothing but counts, so the joined rows of nearly every order are counted, not written. The
+    counts are the statement's own totals less what the odd orders hold."""
     await conn.execute(
-        """
-        CREATE TEMP TABLE recon_joined ON COMMIT DROP AS
+        f"""
+        CREATE TEMP TABLE recon_odd ON COMMIT DROP AS
         WITH earlier AS (
             SELECT s.order_no, sum(s.paid)::int AS paid
-              FROM recon_seen s JOIN recon_bank b USING (order_no)
+              FROM recon_seen s
              WHERE s.funder_id = $1 AND s.business_day >= $3 AND s.business_day < $2
+               AND s.order_no IN (SELECT order_no FROM recon_stage)
              GROUP BY s.order_no),
         auto AS (
             SELECT order_no, min(type) AS type FROM recon_breaks
              WHERE run_id = $4 AND status = 'auto_resolved' GROUP BY order_no)
-        SELECT b.*, e.paid AS earlier_paid, au.type AS auto_type,
+        SELECT row_number() OVER (ORDER BY b.line_no) AS i, b.*,
+               e.paid AS earlier_paid, au.type AS auto_type,
                a.id AS attempt_id, a.status AS our_status, d.amount AS our_amount, d.txn_no,
-               (a.created_at AT TIME ZONE $5)::date AS our_day, d.business_day AS ledger_day,
-               (a.id IS NOT NULL AND b.lines = 1 AND e.order_no IS NULL AND au.type IS NULL
-                AND b.amount_min = d.amount
-                AND ((b.succeeded = 1 AND a.status = 'succeeded')
-                     OR (b.failed = 1 AND a.status = 'failed'))) AS plain
-          FROM recon_bank b
+               (a.created_at AT TIME ZONE $5)::date AS our_day, d.business_day AS ledger_day
+          FROM {_BANK} b
           LEFT JOIN earlier e ON e.order_no = b.order_no
-          LEFT JOIN auto au ON au.order_no = b.order_no
-          LEFT JOIN attempts a ON a.order_no = b.order_no AND a.funder_id = $1
+          LEFT JOIN auto au ON au.order_no = b.order_no COLLATE "default"
+          LEFT JOIN attempts a ON a.order_no = b.order_no COLLATE "default" AND a.funder_id = $1
           LEFT JOIN disbursements d ON d.id = a.disbursement_id
+         WHERE NOT coalesce(
+                   a.id IS NOT NULL AND b.lines = 1 AND e.order_no IS NULL AND au.type IS NULL
+                   AND b.amount_min = d.amount AND d.business_day = $2
+                   AND ((b.succeeded = 1 AND a.status = 'succeeded')
+                        OR (b.failed = 1 AND a.status = 'failed')), false)
         """,
         funder_id,
         day,
@@ -292,35 +357,40 @@ async def join_records(
         run_id,
         zone,
     )
+    await conn.execute("CREATE INDEX ON recon_odd (i)")  # `odd_rows` reads it a page at a time
     row = await conn.fetchrow(
-        """SELECT count(*) FILTER (WHERE plain) AS n,
-                  coalesce(sum(our_amount) FILTER (WHERE plain), 0)::bigint AS total,
-                  coalesce(sum(net_paid), 0)::bigint AS paid,
-                  coalesce(sum(net_paid) FILTER (WHERE ledger_day <> $1), 0)::bigint AS other
-             FROM recon_joined""",
+        """
+        WITH stage AS (
+            SELECT count(*) AS lines, coalesce(sum(amount), 0) AS amount,
+                   coalesce(sum(CASE status WHEN 'succeeded' THEN amount
+                                            WHEN 'reversed' THEN -amount ELSE 0 END), 0)
+                       AS paid,
+                   coalesce(sum(amount) FILTER (WHERE m.order_no IS NOT NULL), 0) AS multi,
+                   count(*) FILTER (WHERE m.order_no IS NOT NULL) AS multi_lines
+              FROM recon_stage s LEFT JOIN recon_multi m USING (order_no)),
+        odd AS (
+            SELECT count(*) AS n,
+                   coalesce(sum(amount_min) FILTER (WHERE lines = 1), 0) AS single,
+                   coalesce(sum(net_paid) FILTER (WHERE ledger_day <> $1), 0) AS other
+              FROM recon_odd)
+        SELECT stage.lines::bigint, stage.amount::bigint, stage.paid::bigint,
+               (stage.lines - stage.multi_lines + (SELECT count(*) FROM recon_multi)
+                - odd.n)::bigint AS matched,
+               (stage.amount - stage.multi - odd.single)::bigint AS matched_amount,
+               odd.other::bigint
+          FROM stage, odd
+        """,
         day,
     )
     assert row is not None
-    await conn.execute(
-        "CREATE TEMP TABLE recon_paid ON COMMIT DROP AS SELECT $1::bigint AS paid, $2::bigint"
-        " AS other",
-        row["paid"],
-        row["other"],
+    return Totals(
+        lines=int(row["lines"]),
+        amount=int(row["amount"]),
+        matched=int(row["matched"]),
+        matched_amount=int(row["matched_amount"]),
+        paid=int(row["paid"]),
+        other_days=int(row["other"]),
     )
-    await conn.execute(
-        """CREATE TEMP TABLE recon_odd ON COMMIT DROP AS
-           SELECT row_number() OVER (ORDER BY line_no) AS i, * FROM recon_joined
-            WHERE NOT plain"""
-    )
-    return int(row["n"]), int(row["total"])
-
-
-async def statement_paid(conn: Conn) -> tuple[int, int]:
-    """The statement's net paid total (succeeded minus reversed lines) and the part of it for
-    orders whose business day is another one (counted by `join_records`)."""
-    row = await conn.fetchrow("SELECT paid, other FROM recon_paid")
-    assert row is not None
-    return int(row["paid"]), int(row["other"])
 
 
 LEDGER_PAYOUT_KINDS = (
@@ -352,22 +422,78 @@ async def odd_rows(conn: Conn, after: int, limit: int) -> list[asyncpg.Record]:
     )
 
 
-async def record_seen(conn: Conn, funder_id: str, day: date, keep_from: date) -> None:
-    """What this statement listed, replacing an earlier run of the same day; older rows than
-    `keep_from` are pruned."""
-    await conn.execute(
-        "DELETE FROM recon_seen WHERE funder_id = $1 AND (business_day = $2 OR business_day < $3)",
+_SEEN_ROWS = """
+    SELECT $1::text, $2::date, order_no, count(*)::int,
+           (count(*) FILTER (WHERE status = 'succeeded')
+            - count(*) FILTER (WHERE status = 'reversed'))::int,
+           max(amount)
+      FROM recon_stage GROUP BY order_no ORDER BY order_no"""
+_SEEN_COLUMNS = "(funder_id, business_day, order_no, lines, paid, amount)"
+
+
+async def record_seen(conn: Conn, funder_id: str, day: date) -> None:
+    """What this statement listed, one row per order, as the (funder, day) partition of
+    `recon_seen` (migration 0012), replacing an earlier run of the same day. Written right
+    after staging: the rest of the run reads it (the orders on several lines, the pending
+    pool).
+
+    A first run of the day loads a table of its own in key order (one sort serves the
+    grouping and the load), builds its primary key once and attaches it. A re-run empties
+    its partition and inserts again. Runs of any funder take `recon_seen` (the parent alone,
+    so autovacuum of a partition is not in the way) in SHARE UPDATE EXCLUSIVE mode first,
+    which only they conflict with: from here to their commit they go one at a time, so a
+    run's partition DDL never meets another run's half-way (nothing but runs reads it)."""
+    await conn.execute("LOCK TABLE ONLY recon_seen IN SHARE UPDATE EXCLUSIVE MODE")
+    row = await conn.fetchrow(
+        """SELECT quote_ident(p) AS name, to_regclass(quote_ident(p)) IS NOT NULL AS exists,
+                  format('ALTER TABLE recon_seen ATTACH PARTITION %I'
+                         ' FOR VALUES FROM (%L, %L) TO (%L, %L)', p, $1::text, $2::date,
+                         $1::text, $2::date + 1) AS attach
+             FROM recon_seen_partition($1, $2) AS p""",
         funder_id,
         day,
-        keep_from,
     )
-    await conn.execute(
-        """INSERT INTO recon_seen (funder_id, business_day, order_no, lines, paid, amount)
-           SELECT $1, $2, order_no, lines, succeeded - reversed, amount_max FROM recon_bank
-            ORDER BY order_no""",  # in key order: the index grows at its end, not at random
-        funder_id,
-        day,
-    )
+    assert row is not None
+    table = row["name"]
+    if row["exists"]:
+        await conn.execute(f"TRUNCATE {table}")
+        await conn.execute(f"INSERT INTO {table} {_SEEN_COLUMNS} {_SEEN_ROWS}", funder_id, day)
+        return
+    await conn.execute(f"CREATE TABLE {table} (LIKE recon_seen)")
+    await conn.execute(f"INSERT INTO {table} {_SEEN_COLUMNS} {_SEEN_ROWS}", funder_id, day)
+    await conn.execute(f"ALTER TABLE {table} ADD PRIMARY KEY (funder_id, business_day, order_no)")
+    await conn.execute(row["attach"])  # the key above becomes the partition's part of the parent's
+
+
+# how long pruning waits for a run of another funder to commit before leaving it to later
+PRUNE_LOCK_TIMEOUT = "5s"
+
+
+async def prune_seen(conn: Conn, funder_id: str, keep_from: date) -> list[str]:
+    """Drop the funder's partitions of `recon_seen` older than `keep_from`, in a short
+    transaction of its own after the run's (dropping a partition locks the parent table
+    exclusively). Returns the tables dropped; none when another run holds `recon_seen` past
+    `PRUNE_LOCK_TIMEOUT` (the next run prunes them)."""
+    try:
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{PRUNE_LOCK_TIMEOUT}'")
+            rows = await conn.fetch(
+                """SELECT quote_ident(c.relname) AS name
+                     FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid,
+                          recon_seen_partition($1, $2) AS p
+                    WHERE i.inhparent = 'recon_seen'::regclass
+                      AND left(c.relname, -8) = left(p, -8)
+                      AND to_date(right(c.relname, 8), 'YYYYMMDD') < $2
+                    ORDER BY c.relname""",
+                funder_id,
+                keep_from,
+            )
+            names = [str(r["name"]) for r in rows]
+            if names:
+                await conn.execute(f"DROP TABLE {', '.join(names)}")
+    except asyncpg.LockNotAvailableError:
+        return []
+    return names
 
 
 async def sweep_pending(
@@ -380,10 +506,14 @@ async def sweep_pending(
         """
         UPDATE recon_pending p
            SET seen_day = (SELECT min(s.business_day) FROM recon_seen s
-                            WHERE s.funder_id = p.funder_id AND s.order_no = p.order_no
+                            WHERE s.funder_id = p.funder_id
+                              AND s.order_no = p.order_no COLLATE "C"
                               AND s.business_day >= p.expected_day)
          WHERE p.funder_id = $1
-           AND (p.seen_day = $2 OR p.order_no IN (SELECT order_no FROM recon_bank))
+           AND (p.seen_day = $2
+                OR EXISTS (SELECT 1 FROM recon_seen s
+                            WHERE s.funder_id = $1 AND s.business_day = $2
+                              AND s.order_no = p.order_no COLLATE "C"))
         """,
         funder_id,
         day,
@@ -395,7 +525,9 @@ async def sweep_pending(
           FROM attempts a
          WHERE a.funder_id = $1 AND a.created_at >= $3 AND a.created_at < $4
            AND a.status <> 'failed'
-           AND NOT EXISTS (SELECT 1 FROM recon_bank b WHERE b.order_no = a.order_no)
+           AND NOT EXISTS (SELECT 1 FROM recon_seen s
+                            WHERE s.funder_id = $1 AND s.business_day = $2
+                              AND s.order_no = a.order_no COLLATE "C")
         ON CONFLICT (funder_id, order_no) DO NOTHING
         """,
         funder_id,
@@ -460,8 +592,17 @@ async def close_found_late(conn: Conn, funder_id: str, run_id: int, day: date) -
                evidence = coalesce(r.evidence, '{}'::jsonb) || jsonb_build_object(
                    'found_on', $3::date, 'line_no', b.line_no, 'bank_ref', b.bank_ref,
                    'succeeded', b.succeeded, 'failed', b.failed, 'reversed', b.reversed)
-          FROM recon_bank b
-         WHERE r.funder_id = $1 AND r.order_no = b.order_no AND r.type = 'missing_at_bank'
+          FROM (SELECT order_no, min(line_no) AS line_no, min(bank_ref) AS bank_ref,
+                       count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+                       count(*) FILTER (WHERE status = 'failed') AS failed,
+                       count(*) FILTER (WHERE status = 'reversed') AS reversed
+                  FROM recon_stage
+                 WHERE order_no IN (SELECT order_no COLLATE "C" FROM recon_breaks
+                                     WHERE funder_id = $1 AND type = 'missing_at_bank'
+                                       AND status = 'open' AND run_id <> $2)
+                 GROUP BY order_no) b
+         WHERE r.funder_id = $1 AND r.order_no = b.order_no COLLATE "default"
+           AND r.type = 'missing_at_bank'
            AND r.status = 'open' AND r.run_id <> $2
         """,
         funder_id,
@@ -562,7 +703,7 @@ async def save_ledger_break(
 
 async def auto_pending(conn: Conn, run_id: int) -> list[asyncpg.Record]:
     return await conn.fetch(
-        "SELECT * FROM recon_breaks WHERE run_id = $1 AND status = 'auto_pending'"
+        "SELECT id, attempt_id FROM recon_breaks WHERE run_id = $1 AND status = 'auto_pending'"
         " ORDER BY attempt_id",
         run_id,
     )

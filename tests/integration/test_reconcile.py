@@ -350,6 +350,75 @@ async def test_co_lending_prefund_comes_back_when_the_bank_failed_it(world: Worl
     assert await w.status("B1") == ("failed", "failed")
 
 
+async def test_automatic_resolutions_run_a_few_at_once_and_apply_each_exactly_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.reconcile as reconcile
+
+    w = world
+    paid = [f"UP{i}" for i in range(9)]
+    failed = [f"UF{i}" for i in range(6)]
+    for order_no in paid:
+        await w.record(order_no, "unknown")
+        w.bank.add(D, order_no)
+    for order_no in failed:
+        await w.record(order_no, "processing")
+        w.bank.add(D, order_no, "failed")
+    before = await w.usage()
+    running = [0, 0]  # now, most at once
+    real = reconcile._auto_resolve_one
+
+    async def spy(*args: Any) -> None:
+        running[0] += 1
+        running[1] = max(running)
+        try:
+            await asyncio.sleep(0.01)  # long enough for the other workers to start theirs
+            await real(*args)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(reconcile, "_auto_resolve_one", spy)
+    result = await reconcile_day(w.svc, "bank-a", D, trigger="test")
+
+    assert result.ok, result.error
+    assert running[1] == reconcile.AUTO_WORKERS
+    assert [await w.status(o) for o in paid] == [("succeeded", "succeeded")] * len(paid)
+    assert [await w.status(o) for o in failed] == [("failed", "failed")] * len(failed)
+    s = result.summary
+    assert s.auto_resolved["status_mismatch_bank_succeeded"].count == len(paid)
+    assert s.auto_resolved["status_mismatch_bank_failed"].count == len(failed)
+    assert s.open == 0
+    after = await w.usage()
+    released = len(failed) * AMOUNT  # failed payouts give their limits back, once
+    assert after[q.funder_scope("bank-a")] == before[q.funder_scope("bank-a")] - released
+    assert after[q.PLATFORM_SCOPE] == before[q.PLATFORM_SCOPE] - released
+    async with w.pool.acquire() as conn:
+        vouchers = await conn.fetch(
+            "SELECT kind, txn_no FROM voucher_events"
+            " WHERE kind IN ('recon.auto_resolved', 'disbursement.succeeded',"
+            " 'disbursement.failed')"
+        )
+        webhooks = await conn.fetchval("SELECT count(*) FROM outbox WHERE kind = 'webhook'")
+    kinds: dict[str, int] = {}
+    for v in vouchers:
+        kinds[v["kind"]] = kinds.get(v["kind"], 0) + 1
+    assert kinds == {
+        "recon.auto_resolved": len(paid) + len(failed),
+        "disbursement.succeeded": len(paid),
+        "disbursement.failed": len(failed),
+    }
+    assert len({v["txn_no"] for v in vouchers}) == len(paid) + len(failed)
+    assert webhooks == len(paid) + len(failed)  # one outcome webhook per order
+
+    # a re-run finds them resolved: nothing moves twice
+    again = await reconcile_day(w.svc, "bank-a", D, trigger="test")
+    assert again.summary.auto_resolved == s.auto_resolved
+    async with w.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM outbox WHERE kind = 'webhook'") == (
+            webhooks
+        )
+
+
 # ---------------------------------------------------------------- idempotence
 
 
@@ -530,6 +599,76 @@ async def test_a_payout_listed_again_on_a_later_day_is_a_duplicate(world: World)
     w.bank.add(D + timedelta(days=2), "AGAIN", "reversed", bank_ref="P3")
     third = await reconcile_day(w.svc, "bank-a", D + timedelta(days=2))
     assert third.summary.matched.count == 1  # paid once, net: as we say
+
+
+async def test_listed_orders_are_kept_per_funder_and_day_and_dropped_after_the_window(
+    world: World,
+) -> None:
+    w = with_window(world, 0)  # kept: the window plus 7 days plus 1
+    later = D + timedelta(days=9)
+    w.bank.add(D, "OLD")
+    w.banks["bank-b"].add(D, "OTHER")
+    w.bank.add(later, "NEW")
+
+    async def seen() -> list[tuple[str, str, date]]:
+        async with w.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT tableoid::regclass::text AS part, funder_id, business_day"
+                " FROM recon_seen ORDER BY business_day, funder_id"
+            )
+        return [(r["part"], r["funder_id"], r["business_day"]) for r in rows]
+
+    assert (await reconcile_day(w.svc, "bank-a", D)).ok
+    assert (await reconcile_day(w.svc, "bank-b", D)).ok
+    again = await reconcile_day(w.svc, "bank-a", D)  # a re-run refills its own partition
+    assert again.ok
+    first = await seen()
+    assert [(f, d) for _, f, d in first] == [("bank-a", D), ("bank-b", D)]
+    assert len({p for p, _, _ in first}) == 2  # one partition per funder and day
+
+    assert (await reconcile_day(w.svc, "bank-a", later)).ok
+
+    # bank-a's day D fell out of what a run of `later` looks back on; bank-b's is its own
+    assert [(f, d) for _, f, d in await seen()] == [("bank-b", D), ("bank-a", later)]
+    async with w.pool.acquire() as conn:
+        kept = [
+            await conn.fetchval(
+                "SELECT to_regclass(quote_ident(recon_seen_partition($1, $2))) IS NOT NULL", f, d
+            )
+            for f, d in (("bank-a", D), ("bank-b", D), ("bank-a", later))
+        ]
+    assert kept == [False, True, True]  # the table itself is dropped
+
+
+async def test_order_numbers_beyond_ascii_are_matched_remembered_and_found_late(
+    world: World,
+) -> None:
+    # the run compares order numbers bytewise, our tables in their own collation: every place
+    # the two meet (attempts, earlier statements, the pending pool, earlier breaks) must agree
+    w = with_window(world, 0)
+    await w.record("Ö-2", "succeeded")
+    await w.record("Ä-1", "succeeded")  # not on its day's statement: missing at the bank
+    w.bank.add(D, "Ö-2")
+    w.bank.add(D, "订单-X")  # an order we do not know
+    w.bank.add(D + timedelta(days=1), "Ä-1")  # listed a day late
+    w.bank.add(D + timedelta(days=1), "订单-X")  # and paid again
+
+    first = await reconcile_day(w.svc, "bank-a", D)
+    second = await reconcile_day(w.svc, "bank-a", D + timedelta(days=1))
+
+    assert first.ok, first.error
+    assert second.ok, second.error
+    assert (first.summary.matched.count, second.summary.matched.count) == (1, 1)
+    breaks = await w.breaks()
+    assert {k: b["status"] for k, b in breaks.items() if k != LEDGER_BREAK} == {
+        "Ä-1/missing_at_bank": "auto_resolved",  # closed by the late line
+        "订单-X/missing_at_gateway": "open",
+        "订单-X/duplicate_at_bank": "open",
+    }
+    async with w.pool.acquire() as conn:
+        pool = await conn.fetchrow("SELECT * FROM recon_pending WHERE order_no = 'Ä-1'")
+    assert pool is not None
+    assert pool["seen_day"] == D + timedelta(days=1)
 
 
 # ---------------------------------------------------------------- bad input
