@@ -222,8 +222,11 @@ def classify_absent(ours: Ours, statement_day: date, window_days: int) -> Decisi
 
 def is_plain_match(ours_status: str, ours_amount: int, lines: int, bank_status: str,
                    bank_amount: int, earlier_seen: bool) -> bool:  # fmt: skip
-    """The common case, decided in bulk where the data lives (`gateway.reconcile` writes the
-    same condition in SQL): one line, never seen before, same amount, same final status."""
+    """The common case: one line, never seen before, same amount, same final status. The SQL
+    of `gateway.store.recon_queries` decides it in bulk where the data lives, with one more
+    condition (the order belongs to the run's own business day) so that the ledger comparison
+    can count other days' orders from the odd ones alone; an order it leaves out comes here
+    and gets the same verdict."""
     return (
         lines == 1
         and not earlier_seen
