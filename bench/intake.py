@@ -1,7 +1,9 @@
 """Intake throughput against this machine's limits, measured in the same run.
 
     .venv/bin/python -m bench.intake [--duration 20] [--warmup 5] [--concurrency 64]
-                                     [--database-url URL] [--gateways 1]
+                                     [--database-url URL] [--gateways 1] [--no-baselines]
+    .venv/bin/python -m bench.intake --scale 1,2,3 ...   # scale-out: 1, 2, 3 gateways
+    .venv/bin/python -m bench.intake --hot-limit ...     # one funder's limit vs four funders
 
 Starts embedded PostgreSQL (durable, as in production) unless a URL is given, then measures:
 
@@ -11,63 +13,57 @@ Starts embedded PostgreSQL (durable, as in production) unless a URL is given, th
                the best rate is the baseline
     floor      the load generator against a minimal aiohttp handler (bench/floor.py)
     fundgate   the load generator (bench/loadgen.py, a separate process) against
-               `fundgate serve --role api`, every request to one funder, distinct txn_no,
-               whitelisted payees, limits far away
+               `fundgate serve --role api` (pool 32 each), every request to one funder,
+               distinct txn_no, whitelisted payees, limits far away; with several gateways the
+               load generator's clients are spread over all of them
 
-and prints a table with the ratios fundgate / pgbench and fundgate / floor.
+and prints a table with the ratios fundgate / pgbench and fundgate / floor, the CPU per
+accepted disbursement of the gateways and of PostgreSQL, the cores each process group used in
+the measured window (of the machine's 2; `other` is whatever else ran on the machine), and
+PostgreSQL's client backends by wait event (average number of backends sampled 10×/s).
+
+--scale 1,2,3 runs the fundgate measurement with 1, then 2, then 3 gateway processes against
+the one database (the baselines once) and prints one row per count.
+
+--hot-limit uses a config with four direct funders (bank-a..bank-d, limits far away) and
+measures, in the same gateways, the rate with every request's `funder_hint` = bank-a (one
+funder's daily-limit rows) against hints round-robin over the four; in the order one, four,
+four, one so that a drift of the shared machine weighs on both alike. With `--buckets 1`
+every daily limit is one row again (the design before migration 0011; the platform's limit
+is then one row for every request, whatever the funder).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):  # `python bench/intake.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.store.embedded import POSTGRES_BIN_PATH, EmbeddedPostgres  # noqa: E402
-
-CONFIG = """
-[gateway]
-platform_daily_limit = 1000000000000000
-
-[[clients]]
-name = "bench"
-token_sha256 = "7c43ef5ae21d43ce2743f770c68e24def1a43ee2f416d2438410c8af7af2ff2c"
-scopes = ["disburse", "read", "admin"]
-
-[[products]]
-code = "consumer-standard"
-min_amount = 300000
-max_amount = 20000000
-min_term = { unit = "day", count = 7 }
-max_term = { unit = "month", count = 36 }
-repayments = ["equal_installment", "interest_first"]
-
-[[funders]]
-id = "bank-a"
-name = "Bench Bank"
-license = "bank"
-mode = "direct"
-priority = 1
-products = ["consumer-standard"]
-single_max = 20000000
-daily_limit = 1000000000000000
-connector = "sandbox"
-[funders.connector_options]
-base_url = "http://127.0.0.1:9"
-secret = "bench"
-"""
+from bench.procs import (
+    Database,
+    FunderSpec,
+    Measured,
+    Procs,
+    config_toml,
+    cpu_seconds,
+    free_port,
+    fundgate_env,
+    load_average,
+    loadgen,
+    register,
+    wait_up,
+    workdir,
+)
 
 PGBENCH_SCRIPT = r"""
 \set r random(1, 2000000000)
@@ -96,68 +92,7 @@ UPDATE limit_usage SET used = used + 1000000
 END;
 """
 
-
-def cpu_seconds(pids: list[int], reaped_by: int | None = None) -> float:
-    """User + system CPU seconds used so far by these processes (Linux /proc), plus those of
-    the exited children `reaped_by` has collected (PostgreSQL's ended backends)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-        if pid == reaped_by:
-            total += int(fields[13]) + int(fields[14])  # cutime, cstime
-    return total / tick
-
-
-def postgres_pids(postmaster: int | None) -> list[int]:
-    """The server's processes: the postmaster and its children (its backends), or, for a
-    server given by URL, every PostgreSQL process of the machine."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            if (d / "comm").read_text().strip() not in ("postgres", "postmaster"):
-                continue
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-        if postmaster is None or postmaster in (int(d.name), ppid):
-            out.append(int(d.name))
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_up(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up")
-
-
-def loadgen(url: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.loadgen", "--url", url, "--mode", mode,
-         "--concurrency", str(args.concurrency), "--duration", str(args.duration),
-         "--warmup", str(args.warmup), "--borrowers", str(args.borrowers)],
-        cwd=ROOT, check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    return result
+FOUR_FUNDERS = [FunderSpec(f"bank-{c}", priority=i + 1) for i, c in enumerate("abcd")]
 
 
 def seed_pgbench_buckets(url: str) -> None:
@@ -178,8 +113,10 @@ def seed_pgbench_buckets(url: str) -> None:
     asyncio.run(seed())
 
 
-def pgbench(url: str, clients: int, seconds: float, workdir: Path) -> float:
-    script = workdir / "intake.sql"
+def pgbench(url: str, clients: int, seconds: float, work: Path) -> float:
+    from gateway.store.embedded import POSTGRES_BIN_PATH
+
+    script = work / "intake.sql"
     script.write_text(PGBENCH_SCRIPT)
     out = subprocess.run(
         [str(POSTGRES_BIN_PATH / "pgbench"), "-n", "-M", "prepared", "-c", str(clients),
@@ -192,16 +129,184 @@ def pgbench(url: str, clients: int, seconds: float, workdir: Path) -> float:
     raise RuntimeError(out)
 
 
-def register(url: str, n: int) -> None:
-    from bench.loadgen import borrower
+@dataclass
+class Baselines:
+    pgbench: float = 0.0
+    pgbench_clients: int = 0
+    pgbench_pg_ms: float = 0.0
+    floor: dict[str, Any] = field(
+        default_factory=lambda: {"rps": 0.0, "p50_ms": 0.0, "p99_ms": 0.0}
+    )
 
-    for i in range(n):
-        bid, account = borrower(i)
-        req = urllib.request.Request(
-            f"{url}/v1/borrowers/{bid}/accounts", data=json.dumps(account).encode(),
-            method="PUT", headers={"Authorization": "Bearer demo-token"},
-        )  # fmt: skip
-        urllib.request.urlopen(req, timeout=10).read()
+
+def measure_baselines(args: argparse.Namespace, db: Database, procs: Procs) -> Baselines:
+    b = Baselines()
+    seed_pgbench_buckets(db.url)
+    for c in (16, 32, 64):
+        before = db.cpu()
+        tps = pgbench(db.url, c, args.duration / 2, procs.work)
+        pg_ms = (db.cpu() - before) * 1000 / max(tps * int(args.duration / 2), 1)
+        print(f"pgbench {c} clients: {tps:,.0f} tx/s, PostgreSQL CPU {pg_ms:.2f} ms/tx",
+              file=sys.stderr)  # fmt: skip
+        if tps > b.pgbench:
+            b.pgbench, b.pgbench_clients, b.pgbench_pg_ms = tps, c, pg_ms
+    port = free_port()
+    floor = procs.start("floor", ["-m", "bench.floor", "--port", str(port)], os.environ)
+    time.sleep(1.0)
+    b.floor = loadgen(
+        loadgen_args(args, [port], "floor", prefix="F"), groups={}, database_url=None
+    ).result
+    procs.stop([floor])
+    return b
+
+
+def loadgen_args(
+    args: argparse.Namespace, ports: list[int], mode: str, *, prefix: str,
+    hints: list[str] | None = None,
+) -> list[str]:  # fmt: skip
+    out = ["--mode", mode, "--concurrency", str(args.concurrency),
+           "--duration", str(args.duration), "--warmup", str(args.warmup),
+           "--borrowers", str(args.borrowers),
+           "--prefix", f"{prefix}{int(time.time())}"]  # fmt: skip
+    for p in ports:
+        out += ["--url", f"http://127.0.0.1:{p}"]
+    for h in hints or []:
+        out += ["--funder-hint", h]
+    return out
+
+
+class Gateways:
+    """`fundgate serve --role api` processes on one database, started and stopped per step."""
+
+    def __init__(self, procs: Procs, db: Database, config: Path) -> None:
+        self.procs, self.db, self.config = procs, db, config
+        self.running: list[subprocess.Popen[bytes]] = []
+        self.ports: list[int] = []
+        self.registered = False
+
+    def start(self, n: int, borrowers: int) -> None:
+        env = fundgate_env(self.db.url, self.config)
+        self.ports = [free_port() for _ in range(n)]
+        self.running = [self.procs.gateway(p, "api", env, pool_size=32) for p in self.ports]
+        for p in self.ports:
+            wait_up(f"http://127.0.0.1:{p}/readyz")
+        if not self.registered:
+            register(f"http://127.0.0.1:{self.ports[0]}", borrowers)
+            self.registered = True
+
+    def stop(self) -> None:
+        self.procs.stop(self.running)
+        self.running = []
+
+    def groups(self) -> dict[str, Callable[[], float]]:
+        pids = [p.pid for p in self.running]
+        return {"gateways": lambda: cpu_seconds(pids), "postgres": self.db.cpu}
+
+    def measure(
+        self, args: argparse.Namespace, prefix: str, hints: list[str] | None = None
+    ) -> Measured:
+        return loadgen(
+            loadgen_args(args, self.ports, "intake", prefix=prefix, hints=hints),
+            groups=self.groups(),
+            database_url=self.db.url,
+        )
+
+
+def per_request_ms(m: Measured, group: str) -> float:
+    return m.cpu.seconds[group] * 1000 / max(int(m.result["ok"]), 1)
+
+
+def row(label: str, m: Measured, note: str = "") -> str:
+    r = m.result
+    return (
+        f"| {label} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+        f"{per_request_ms(m, 'gateways'):.2f} | {per_request_ms(m, 'postgres'):.2f} | "
+        f"{m.cpu.cores['gateways']:.2f} / {m.cpu.cores['postgres']:.2f} / "
+        f"{m.cpu.cores['loadgen']:.2f} / {m.cpu.cores['other']:.2f} | {m.waits.summary(3)} |"
+        + (f" {note} |" if note else "")
+    )
+
+
+HEADER = (
+    "| {what} | accepted/s | p50 ms | p99 ms | gateway CPU ms/req | PostgreSQL CPU ms/req | "
+    "cores: gateways / PostgreSQL / loadgen / other | PostgreSQL backends by wait |{extra}\n"
+    "|---|---:|---:|---:|---:|---:|---|---|{extra_sep}"
+)
+
+
+def print_baselines(args: argparse.Namespace, b: Baselines) -> None:
+    print("\n| baseline | rate (/s) | p50 ms | p99 ms | note |")
+    print("|---|---:|---:|---:|---|")
+    print(f"| pgbench intake write set | {b.pgbench:,.0f} | | | best of 16/32/64 clients "
+          f"({b.pgbench_clients}); PostgreSQL CPU {b.pgbench_pg_ms:.2f} ms/tx |")  # fmt: skip
+    print(f"| HTTP floor (aiohttp) | {b.floor['rps']:,.0f} | {b.floor['p50_ms']:.1f} | "
+          f"{b.floor['p99_ms']:.1f} | {args.concurrency} clients |")  # fmt: skip
+
+
+def single(args: argparse.Namespace, gws: Gateways, b: Baselines | None) -> None:
+    gws.start(args.gateways, args.borrowers)
+    m = gws.measure(args, "I")
+    gws.stop()
+    if b is not None:
+        print_baselines(args, b)
+    print()
+    print(HEADER.format(what="fundgate", extra=" statuses |", extra_sep="---|"))
+    print(row(f"{args.gateways} gateway(s), {args.concurrency} clients", m,
+              str(m.result["statuses"])))  # fmt: skip
+    if b is not None:
+        r = m.result["rps"]
+        print(f"\nfundgate / pgbench = {r / max(b.pgbench, 1):.2f}; "
+              f"fundgate / HTTP floor = {r / max(b.floor['rps'], 1):.2f}")  # fmt: skip
+
+
+def scale(args: argparse.Namespace, gws: Gateways, b: Baselines | None) -> None:
+    counts = [int(x) for x in args.scale.split(",")]
+    results: list[tuple[int, Measured]] = []
+    for n in counts:
+        gws.start(n, args.borrowers)
+        m = gws.measure(args, f"S{n}-")
+        gws.stop()
+        print(f"{n} gateway(s): {m.result['rps']:,.0f}/s; cores {m.cpu.summary()}",
+              file=sys.stderr)  # fmt: skip
+        results.append((n, m))
+    if b is not None:
+        print_baselines(args, b)
+    print()
+    print(HEADER.format(what="gateways", extra=" vs 1 gateway | statuses |",
+                        extra_sep="---:|---|"))  # fmt: skip
+    first = results[0][1].result["rps"]
+    for n, m in results:
+        print(row(str(n), m, f"{m.result['rps'] / max(first, 1):.2f} | {m.result['statuses']}"))
+    if b is not None:
+        best = max(m.result["rps"] for _, m in results)
+        print(f"\nbest fundgate / pgbench = {best / max(b.pgbench, 1):.2f}")
+
+
+def hot_limit(args: argparse.Namespace, gws: Gateways) -> None:
+    gws.start(args.gateways, args.borrowers)
+    one, four = ["bank-a"], [f.id for f in FOUR_FUNDERS]
+    runs: list[tuple[str, Measured]] = []
+    for label, hints in (("one", one), ("four", four), ("four", four), ("one", one)):
+        m = gws.measure(args, f"H{label}{len(runs)}-", hints)
+        print(f"{label} funder{'s' if label == 'four' else ''}: {m.result['rps']:,.0f}/s "
+              f"{m.result['statuses']}", file=sys.stderr)  # fmt: skip
+        runs.append((label, m))
+    gws.stop()
+    print()
+    print(HEADER.format(what="funders", extra=" statuses |", extra_sep="---|"))
+    for label, m in runs:
+        print(row(f"{label} ({'bank-a' if label == 'one' else 'round-robin a..d'})", m,
+                  str(m.result["statuses"])))  # fmt: skip
+
+    def mean(label: str) -> float:
+        rates = [float(m.result["rps"]) for lb, m in runs if lb == label]
+        return sum(rates) / len(rates)
+
+    one_rate, four_rate = mean("one"), mean("four")
+    print(
+        f"\none funder / four funders = {one_rate / max(four_rate, 1):.2f} "
+        f"(means of the two runs each: {one_rate:,.0f} / {four_rate:,.0f} per s)"
+    )
 
 
 def main() -> None:
@@ -214,95 +319,38 @@ def main() -> None:
     p.add_argument("--database-url", default=os.environ.get("FUNDGATE_DATABASE_URL"))
     p.add_argument("--no-baselines", action="store_true",
                    help="fundgate only (quick before/after checks; no ratios)")  # fmt: skip
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, db)")
+    p.add_argument(
+        "--buckets",
+        type=int,
+        help="[gateway] limit_buckets (default: the gateway's); 1 = one row per daily limit, "
+        "as before migration 0011",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--scale", metavar="N,N,...", help="gateway counts, e.g. 1,2,3")
+    mode.add_argument("--hot-limit", action="store_true", help="one funder vs four funders")
     args = p.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="fundgate-bench-"))
-    pg = None
-    url = args.database_url
-    if url is None:
-        pg = EmbeddedPostgres(work / "db", durable=True)
-        url = pg.start()
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        (work / "bench.toml").write_text(CONFIG)
-        env = {
-            **os.environ,
-            "FUNDGATE_DATABASE_URL": url,
-            "FUNDGATE_CONFIG": str(work / "bench.toml"),
-            "FUNDGATE_LOG_LEVEL": "warning",
-        }
-        ports = [free_port() for _ in range(args.gateways)]
-        for port in ports:
-            log = open(work / f"gw{port}.log", "w")  # lives as long as the process
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port),
-                 "--role", "api", "--pool-size", "32"],
-                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
-            ))  # fmt: skip
-        for port in ports:
-            wait_up(f"http://127.0.0.1:{port}/readyz")
-        register(f"http://127.0.0.1:{ports[0]}", args.borrowers)
-
-        postmaster = None
-        if pg is not None:
-            postmaster = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
-        seed_pgbench_buckets(url)
-        best, best_c, best_pg_ms = 0.0, 0, 0.0
-        for c in () if args.no_baselines else (16, 32, 64):
-            before = cpu_seconds(postgres_pids(postmaster), postmaster)
-            tps = pgbench(url, c, args.duration / 2, work)
-            pg_ms = (
-                (cpu_seconds(postgres_pids(postmaster), postmaster) - before)
-                * 1000
-                / max(tps * int(args.duration / 2), 1)
-            )
-            print(f"pgbench {c} clients: {tps:,.0f} tx/s, PostgreSQL CPU {pg_ms:.2f} ms/tx",
-                  file=sys.stderr)  # fmt: skip
-            if tps > best:
-                best, best_c, best_pg_ms = tps, c, pg_ms
-
-        floor_r: dict[str, Any] = {"rps": 0.0, "p50_ms": 0.0, "p99_ms": 0.0}
-        if not args.no_baselines:
-            floor_port = free_port()
-            floor = subprocess.Popen(
-                [sys.executable, "-m", "bench.floor", "--port", str(floor_port)], cwd=ROOT
-            )
-            procs.append(floor)
-            time.sleep(1.0)
-            floor_r = loadgen(f"http://127.0.0.1:{floor_port}", "floor", args)
-        gw_pids = [pr.pid for pr in procs[: args.gateways]]
-        cpu0 = (cpu_seconds(gw_pids), cpu_seconds(postgres_pids(postmaster), postmaster))
-        fg = loadgen(f"http://127.0.0.1:{ports[0]}", "intake", args)
-        cpu1 = (cpu_seconds(gw_pids), cpu_seconds(postgres_pids(postmaster), postmaster))
-        requests = fg["rps"] * (args.duration + args.warmup)  # CPU was counted over both
-
-        print("\n| measure | rate (/s) | p50 ms | p99 ms | note |")
-        print("|---|---:|---:|---:|---|")
-        print(
-            f"| pgbench intake write set | {best:,.0f} | | | best of 16/32/64 clients ({best_c}) |"
-        )
-        print(f"| HTTP floor (aiohttp) | {floor_r['rps']:,.0f} | {floor_r['p50_ms']:.1f} | "
-              f"{floor_r['p99_ms']:.1f} | {args.concurrency} clients |")  # fmt: skip
-        print(f"| fundgate intake | {fg['rps']:,.0f} | {fg['p50_ms']:.1f} | {fg['p99_ms']:.1f} | "
-              f"{args.concurrency} clients, statuses {fg['statuses']} |")  # fmt: skip
-        gw_ms = (cpu1[0] - cpu0[0]) * 1000 / max(requests, 1)
-        pg_ms = (cpu1[1] - cpu0[1]) * 1000 / max(requests, 1)
-        print(f"\nCPU per accepted disbursement: gateway {gw_ms:.2f} ms, PostgreSQL "
-              f"{pg_ms:.2f} ms (pgbench's write set: {best_pg_ms:.2f} ms per tx)")  # fmt: skip
-        print(
-            f"fundgate / pgbench = {fg['rps'] / max(best, 1):.2f}; "
-            f"fundgate / HTTP floor = {fg['rps'] / max(floor_r['rps'], 1):.2f}"
-        )
-    finally:
-        for pr in procs:
-            pr.terminate()
-        for pr in procs:
-            try:
-                pr.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pr.kill()
-        if pg is not None:
-            pg.stop()
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, load average {load_average()}", file=sys.stderr)
+    with (
+        workdir("fundgate-bench-intake-", args.keep) as work,
+        Database(work, args.database_url) as db,
+    ):
+        procs = Procs(work)
+        try:
+            config = work / "bench.toml"
+            funders = FOUR_FUNDERS if args.hot_limit else [FunderSpec("bank-a")]
+            config.write_text(config_toml(funders, limit_buckets=args.buckets))
+            db.migrate()
+            gws = Gateways(procs, db, config)
+            if args.hot_limit:
+                hot_limit(args, gws)
+            else:
+                b = None if args.no_baselines else measure_baselines(args, db, procs)
+                (scale if args.scale else single)(args, gws, b)
+            print(f"\nload average after the run: {load_average()}")
+        finally:
+            procs.close()
 
 
 if __name__ == "__main__":
