@@ -95,17 +95,23 @@ def create_app(
     return app
 
 
-async def _listen(svc: Services, dispatcher: Dispatcher, stop: asyncio.Event) -> None:
-    """LISTEN for new dispatch work; reconnects if the connection drops (polling covers gaps)."""
+async def _listen(
+    svc: Services, dispatcher: Dispatcher, notifier: Notifier, stop: asyncio.Event
+) -> None:
+    """LISTEN for new dispatch and webhook work; reconnects if the connection drops (polling
+    covers gaps)."""
+    channels = {q.DISPATCH_CHANNEL: dispatcher.wake, q.WEBHOOK_CHANNEL: notifier.wake}
     while not stop.is_set():
         try:
             async with svc.pool.acquire() as conn:
                 db.holds_session_state(conn)  # LISTEN: reset when released
-                await conn.add_listener(q.DISPATCH_CHANNEL, dispatcher.wake)
+                for channel, wake in channels.items():
+                    await conn.add_listener(channel, wake)
                 try:
                     await stop.wait()
                 finally:
-                    await conn.remove_listener(q.DISPATCH_CHANNEL, dispatcher.wake)
+                    for channel, wake in channels.items():
+                        await conn.remove_listener(channel, wake)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             log.warning("dispatch.listen_failed", error=str(e))
             await asyncio.sleep(1)
@@ -138,7 +144,7 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(dispatcher.run(stop), name="dispatcher"),
         asyncio.create_task(poller.run(stop), name="poller"),
         asyncio.create_task(notifier.run(stop), name="notifier"),
-        asyncio.create_task(_listen(svc, dispatcher, stop), name="listen"),
+        asyncio.create_task(_listen(svc, dispatcher, notifier, stop), name="listen"),
         asyncio.create_task(
             run_sealer(svc.pool, stop, svc.cfg.security, svc.business_day), name="sealer"
         ),

@@ -13,6 +13,7 @@ import asyncpg
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 DISPATCH_CHANNEL = "fundgate_dispatch"
+WEBHOOK_CHANNEL = "fundgate_webhook"
 
 
 def funder_scope(funder_id: str) -> str:
@@ -361,8 +362,11 @@ async def enqueue(
         payload,
         float(delay_seconds),
     )
-    if kind == "dispatch":
-        await conn.execute("SELECT pg_notify($1, $2)", DISPATCH_CHANNEL, funder_id or "")
+    # wakes the workers at commit (intake's own dispatch rows are announced after commit,
+    # coalesced: gateway/wakeups.py); a webhook is sent as soon as its outcome is committed
+    channel = {"dispatch": DISPATCH_CHANNEL, "webhook": WEBHOOK_CHANNEL}.get(kind)
+    if channel is not None and delay_seconds == 0:
+        await conn.execute("SELECT pg_notify($1, $2)", channel, funder_id or "")
 
 
 async def claim(conn: Conn, kind: str, limit: int, lease_seconds: float) -> list[asyncpg.Record]:

@@ -106,3 +106,17 @@ async def test_no_webhook_is_sent_for_a_state_that_is_not_terminal(
     assert await h.outbox("webhook") == []
     assert h.core.deliveries == []
     assert h.core.refused == 0
+
+
+@pytest.mark.asyncio
+async def test_work_is_picked_up_on_notification_not_on_the_polling_interval(
+    start_gateway: StartGateway,
+) -> None:
+    """With polling an hour apart, the payout is dispatched (intake's coalesced wake-up) and
+    its webhook sent (NOTIFY at the outcome's commit) within seconds."""
+    h = await start_gateway(dispatch={"poll_interval_seconds": 3600})
+    await h.register()
+    h.banks["bank-a"].script(SUCCEED)
+    await h.accepted("T-WH-NOTIFY")
+    await h.wait_status("T-WH-NOTIFY", "succeeded")
+    await eventually(lambda: _quiet(h, 1), "the webhook to be delivered")
