@@ -36,6 +36,9 @@ log = structlog.get_logger("fundgate.app")
 
 Role = Literal["all", "api", "worker"]
 
+# how long the listener and the wake-up loop get to finish by themselves at shutdown
+STOP_LISTEN_SECONDS = 5.0
+
 
 def create_app(
     cfg: FileConfig,
@@ -122,29 +125,28 @@ async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
     and sends intake's dispatch wake-ups."""
     svc = app[SERVICES]
     stop = asyncio.Event()
-    tasks = [
-        asyncio.create_task(housekeeping.run(svc, stop), name="housekeeping"),
-        asyncio.create_task(svc.wakeups.run(svc.pool, stop), name="wakeups"),
-    ]
+    task = asyncio.create_task(housekeeping.run(svc, stop), name="housekeeping")
+    wakeups = asyncio.create_task(svc.wakeups.run(svc.pool, stop), name="wakeups")
     try:
         yield
     finally:
         stop.set()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await svc.wakeups.flush(svc.pool)  # what intake accepted last still wakes someone
+        task.cancel()
+        # the wake-up loop sends what intake accepted last, then ends by itself
+        await asyncio.wait([wakeups], timeout=STOP_LISTEN_SECONDS)
+        wakeups.cancel()
+        await asyncio.gather(task, wakeups, return_exceptions=True)
 
 
 async def _workers(app: web.Application) -> AsyncIterator[None]:
     svc = app[SERVICES]
     stop = asyncio.Event()
     dispatcher, poller, notifier = Dispatcher(svc), Poller(svc), Notifier(svc)
+    listen = asyncio.create_task(_listen(svc, dispatcher, notifier, stop), name="listen")
     tasks = [
         asyncio.create_task(dispatcher.run(stop), name="dispatcher"),
         asyncio.create_task(poller.run(stop), name="poller"),
         asyncio.create_task(notifier.run(stop), name="notifier"),
-        asyncio.create_task(_listen(svc, dispatcher, notifier, stop), name="listen"),
         asyncio.create_task(
             run_sealer(svc.pool, stop, svc.cfg.security, svc.business_day), name="sealer"
         ),
@@ -157,7 +159,10 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
         stop.set()
         for loop in (dispatcher, poller, notifier):
             await loop.drain(svc.cfg.dispatch.drain_seconds)
-        for t in tasks:
+        # the listener ends by itself once `stop` is set; cancelled in its UNLISTEN, its
+        # connection could be left checked out and the pool would never close
+        await asyncio.wait([listen], timeout=STOP_LISTEN_SECONDS)
+        for t in [*tasks, listen]:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, listen, return_exceptions=True)
         log.info("workers.stopped")

@@ -21,6 +21,7 @@ log = structlog.get_logger("fundgate.wakeups")
 
 # how long accepted work may wait for its wake-up, gathering others into the same NOTIFY
 COALESCE_SECONDS = 0.02
+ACQUIRE_TIMEOUT_SECONDS = 1.0
 
 
 class Wakeups:
@@ -33,10 +34,19 @@ class Wakeups:
         self._event.set()
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await self._event.wait()
-            await asyncio.sleep(COALESCE_SECONDS)
-            await self.flush(pool)
+        """Until `stop`: flush every COALESCE_SECONDS while there is something to send; then
+        one last flush, and return (never cancelled mid-acquire at shutdown)."""
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                woken = asyncio.create_task(self._event.wait())
+                await asyncio.wait([woken, stopping], return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                if not stop.is_set():
+                    await asyncio.sleep(COALESCE_SECONDS)
+                await self.flush(pool)
+        finally:
+            stopping.cancel()
 
     async def flush(self, pool: asyncpg.Pool) -> None:
         self._event.clear()
@@ -44,11 +54,14 @@ class Wakeups:
         if not funders:
             return
         try:
-            async with pool.acquire() as conn:
+            # bounded: with every connection busy (or the pool closing) the wake-up is dropped
+            # rather than waited for; the dispatchers' polling picks the work up
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
                 await conn.execute(
                     "SELECT pg_notify($1, f) FROM unnest($2::text[]) AS f",
                     q.DISPATCH_CHANNEL,
                     funders,
+                    timeout=ACQUIRE_TIMEOUT_SECONDS,
                 )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             log.warning("dispatch.wakeup_failed", funders=funders, error=str(e))
