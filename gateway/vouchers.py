@@ -57,6 +57,18 @@ def voucher_hash(prev_hash: str, seq: int, kind: str, at: datetime, event: str) 
     return hashlib.sha256(prev_hash.encode() + envelope.encode()).hexdigest()
 
 
+def voucher_hash_of_canonical(prev_hash: str, seq: int, kind: str, at: datetime, event: str) -> str:
+    """`voucher_hash` for an event stored in canonical form (as `queries.canonical` writes
+    every event): the envelope is assembled around the stored text instead of re-encoding
+    it, the same bytes several times faster. For any other text the two differ, so a
+    verifier that gets a mismatch here asks `voucher_hash` before calling it broken."""
+    envelope = (
+        f'{{"at":"{iso(at)}","event":{event},'
+        f'"kind":{json.dumps(kind, ensure_ascii=False)},"seq":{seq}}}'
+    )
+    return hashlib.sha256(prev_hash.encode() + envelope.encode()).hexdigest()
+
+
 async def seal_once(conn: q.Conn, batch: int = SEAL_BATCH) -> int:
     """Seal up to `batch` events; 0 when another process holds the sealer lock."""
     async with conn.transaction():
@@ -260,7 +272,8 @@ async def verify(
             out.first_broken = r["seq"]
             out.problem = f"voucher {r['seq']} does not link to voucher {r['seq'] - 1}"
             return out
-        if voucher_hash(prev, r["seq"], r["kind"], r["at"], r["event"]) != r["hash"]:
+        args = (prev, r["seq"], r["kind"], r["at"], r["event"])
+        if voucher_hash_of_canonical(*args) != r["hash"] and voucher_hash(*args) != r["hash"]:
             out.first_broken = r["seq"]
             out.problem = f"voucher {r['seq']} was changed after sealing (hash mismatch)"
             return out

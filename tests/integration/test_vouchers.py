@@ -14,7 +14,14 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from config import load_config
 from config.models import SecurityConfig
 from gateway.store import queries as q
-from gateway.vouchers import GENESIS, checkpoint, seal_once, verify, voucher_hash
+from gateway.vouchers import (
+    GENESIS,
+    checkpoint,
+    seal_once,
+    verify,
+    voucher_hash,
+    voucher_hash_of_canonical,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -169,3 +176,27 @@ async def test_removed_tail_and_bad_signatures_are_named(pool: asyncpg.Pool) -> 
     assert not result.ok
     assert result.first_broken == 5
     assert "removed" in (result.problem or "")
+
+
+@pytest.mark.asyncio
+async def test_the_fast_hash_of_a_canonical_event_is_the_sealed_hash(pool: asyncpg.Pool) -> None:
+    """verify assembles the envelope around the stored text; for the canonical text every
+    writer stores, that is exactly the hash the sealer computed by re-encoding, and a
+    stored text in another (equivalent) form still verifies through the slow path."""
+    await _write(pool, 5)
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO voucher_events (kind, txn_no, event)"
+            " VALUES ('x', 'T-WS', '{ \"b\": 1,  \"a\": \"é\" }')"
+        )
+        await seal_once(conn)
+        rows = await conn.fetch("SELECT * FROM voucher_events ORDER BY seq")
+        result = await verify(conn)
+    assert result.ok, result.problem
+    assert result.checked == 6
+    for r in rows[:5]:
+        args = (r["prev_hash"], r["seq"], r["kind"], r["at"], r["event"])
+        assert voucher_hash_of_canonical(*args) == voucher_hash(*args) == r["hash"]
+    odd = rows[5]
+    args = (odd["prev_hash"], odd["seq"], odd["kind"], odd["at"], odd["event"])
+    assert voucher_hash_of_canonical(*args) != odd["hash"] == voucher_hash(*args)
