@@ -110,13 +110,17 @@ ALL_REFUSED = "FG002"
 DEADLOCK_RETRIES = 3
 
 
-async def _earlier(conn: q.Conn, req: DisbursementRequest, digest: bytes) -> Outcome | None:
-    """The answer to a txn_no seen before, for requests refused before fg_intake (which
-    answers replays itself): a replay still gets its first answer, or 409."""
+async def _refused(
+    conn: q.Conn, req: DisbursementRequest, digest: bytes, refusal: Unprocessable
+) -> Outcome:
+    """Raise `refusal` for a request refused before fg_intake (which answers replays itself),
+    unless its txn_no was seen before: a replay still gets its first answer, or 409."""
     row = await conn.fetchrow(
         "SELECT request_hash, first_response FROM disbursements WHERE txn_no = $1", req.txn_no
     )
-    return None if row is None else _replay(req, digest, row["request_hash"], row["first_response"])
+    if row is None:
+        raise refusal
+    return _replay(req, digest, row["request_hash"], row["first_response"])
 
 
 # the prefund is checked (and taken) by fg_intake; routing only looks at the funders' offers
@@ -153,26 +157,22 @@ async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcom
         )
         violation = check_loan(loan, svc.cfg.product(req.product), svc.cfg.gateway)
         if violation is not None:
-            earlier = await _earlier(conn, req, digest)
-            if earlier is not None:
-                return earlier
-            raise Unprocessable(violation.code, violation.message)
+            refusal = Unprocessable(violation.code, violation.message)
+            return await _refused(conn, req, digest, refusal)
         circuits = await svc.circuits(conn)
         states = funder_states(svc, {}, {f.id: _ANY_PREFUND for f in svc.cfg.funders}, circuits)
         order, refusals = candidates(svc.cfg.funders, loan, states, hint=req.funder_hint)
         if not order:
-            earlier = await _earlier(conn, req, digest)
-            if earlier is not None:
-                return earlier
             code = "limit_exceeded" if all_limit_refusals(refusals) else "no_eligible_funder"
-            raise Unprocessable(code, "no funder can take this disbursement",
-                                details=refusal_details(refusals))  # fmt: skip
+            refusal = Unprocessable(code, "no funder can take this disbursement",
+                                    details=refusal_details(refusals))  # fmt: skip
+            return await _refused(conn, req, digest, refusal)
 
         plan = _Plan(svc, req, digest, client, now, day, order)
         row = await _intake(conn, plan, refusals)
         if row["outcome"] == "check_name":
             # a whitelist entry older than its name index: compare here, then go on
-            if vault_name(svc, row["account_name_enc"]) != req.payee.account_name:
+            if pii.account_name(svc.vault, row) != req.payee.account_name:
                 raise _not_whitelisted()
             row = await _intake(conn, plan, refusals, name_checked=True)
     if row["outcome"] == "exists":
@@ -191,10 +191,6 @@ async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcom
         mode=chosen.mode,
     )
     return Outcome(201, plan.bodies[row["chosen"] - 1])
-
-
-def vault_name(svc: Services, account_name_enc: bytes) -> str:
-    return svc.vault.decrypt(account_name_enc, "borrower_accounts.account_name")
 
 
 def _not_whitelisted() -> Unprocessable:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import random
 from datetime import date
 
+import asyncpg
+
 from config.models import Funder
 from gateway.context import Services
 from gateway.store import queries as q
@@ -56,6 +58,14 @@ async def release_funder(
 ) -> None:
     await q.release(conn, q.funder_scope(funder_id), day, bucket, amount)
     await q.return_prefund(conn, funder_id, platform_amount)
+
+
+async def release(conn: q.Conn, a: asyncpg.Record) -> None:
+    """Give back everything an attempt (a `queries.lock_attempt` row) holds: the platform's
+    usage, then the funder's and its prefund, each in the bucket it was reserved in."""
+    day, amount = a["business_day"], a["amount"]
+    await release_platform(conn, day, a["platform_bucket"], amount)
+    await release_funder(conn, a["funder_id"], day, a["limit_bucket"], amount, a["alloc_platform"])
 
 
 async def record(

@@ -88,12 +88,7 @@ async def move(
     d_fields: dict[str, Any] = {"status": new}
     if new == "failed":
         d_fields["failure"] = error or {"code": "failed", "message": "the bank failed the payout"}
-        # platform first: the lock order of intake, so the two never deadlock
-        day = a["business_day"]
-        await limits.release_platform(conn, day, a["platform_bucket"], a["amount"])
-        await limits.release_funder(
-            conn, a["funder_id"], day, a["limit_bucket"], a["amount"], a["alloc_platform"]
-        )
+        await limits.release(conn, a)  # platform first: intake's lock order, never a deadlock
         await ledger.release(
             conn, a["txn_no"], a["funder_id"], a["alloc_funder"], a["alloc_platform"],
             a["business_day"],
@@ -286,8 +281,7 @@ async def correct_terminal(
     day = a["business_day"]
     amount, fshare, pshare = a["amount"], a["alloc_funder"], a["alloc_platform"]
     if new == "failed":
-        await limits.release_platform(conn, day, a["platform_bucket"], amount)
-        await limits.release_funder(conn, a["funder_id"], day, a["limit_bucket"], amount, pshare)
+        await limits.release(conn, a)
         entries = [
             (ledger.PAYOUTS, -amount),
             (ledger.funder_account(a["funder_id"]), fshare),
