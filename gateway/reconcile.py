@@ -348,10 +348,11 @@ async def _classify(
     if dup is not None:
         raise StatementError(f"duplicate line: repeats line {dup[0]}", dup[1])
     zone = svc.cfg.gateway.timezone
-    totals = await rq.match(conn, funder.id, day, earlier_from, run_id, zone)
+    start, end = _day_bounds(svc, day)
+    totals = await rq.match(conn, funder.id, day, (start, end), earlier_from, run_id, zone)
     summary.lines, summary.amount = totals.lines, totals.amount
     summary.matched.add(totals.matched_amount, totals.matched)
-    summary.ledger.statement_paid, summary.ledger.other_days = totals.paid, totals.other_days
+    summary.ledger.statement_paid = totals.paid
     lap("match")
 
     await rq.create_new_breaks(conn)
@@ -363,6 +364,8 @@ async def _classify(
         after = rows[-1]["i"]
         batch = []
         for r in rows:
+            if r["ledger_day"] is not None and r["ledger_day"] != day:
+                summary.ledger.other_days += r["net_paid"]  # paid for another day's order
             evidence = _evidence(day, r)
             bank = _bank_of(evidence)
             ours = None
@@ -396,8 +399,7 @@ async def _classify(
             await rq.copy_new_breaks(conn, batch)
 
     lap("classify")
-    start, end = _day_bounds(svc, day)
-    await rq.sweep_pending(conn, funder.id, day, start, end, keep_from)
+    await rq.sweep_pending(conn, funder.id, day, keep_from)
     lap("pending")
     await rq.close_found_late(conn, funder.id, run_id, day)
     lap("found_late")

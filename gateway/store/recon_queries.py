@@ -302,19 +302,24 @@ _BANK = """(
 @dataclass(frozen=True, slots=True)
 class Totals:
     """What `match` counted in SQL: the statement's lines and amount, the plain matches, and
-    its net paid total (succeeded minus reversed lines) with the part of it for orders whose
-    business day is another one."""
+    its net paid total (succeeded minus reversed lines). The part of that total for orders of
+    another business day is the odd orders' (`odd_rows`' `ledger_day`)."""
 
     lines: int
     amount: int
     matched: int
     matched_amount: int
     paid: int
-    other_days: int
 
 
 async def match(
-    conn: Conn, funder_id: str, day: date, earlier_from: date, run_id: int, zone: str
+    conn: Conn,
+    funder_id: str,
+    day: date,
+    bounds: tuple[datetime, datetime],
+    earlier_from: date,
+    run_id: int,
+    zone: str,
 ) -> Totals:
     """Match the staged statement (after `record_seen` and `find_multi`) in one statement:
     each order joined with our attempt, its disbursement and what earlier statements of the
@@ -323,7 +328,21 @@ async def match(
     before, not already resolved by this day's run, same amount and final status
     (`reconciliation.classify.is_plain_match`) of an order of this business day: it changes
     nothing but counts, so the joined rows of nearly every order are counted, not written. The
-    counts are the statement's own totals less what the odd orders hold."""
+    counts are the statement's own totals less what the odd orders hold.
+
+    The same join also keeps the funder's attempts of the day (`bounds`) that the statement
+    does not list and that have not failed (no `line_no`): the pending pool's newcomers
+    (`sweep_pending`), found by the join that hashes the funder's attempts anyway instead of
+    an anti-join of their own.
+
+    The plain test reads `attempts` alone, so the million-row join never touches
+    `disbursements`: an attempt's amount is its allocation's total (`alloc_funder +
+    alloc_platform`, which `routing.allocation` makes the disbursement's amount), and a first
+    attempt (`n = 1`) is written by intake with the disbursement, stamped from the same clock
+    reading the business day is derived from, so its creation inside `bounds` (the day in the
+    business time zone) is the disbursement's business day. Anything else (a fail-over's
+    attempt, an order of another day) is odd and classified with the disbursement's own
+    amount and day (`odd_rows`), with the same verdict."""
     await conn.execute(
         f"""
         CREATE TEMP TABLE recon_odd ON COMMIT DROP AS
@@ -338,24 +357,30 @@ async def match(
              WHERE run_id = $4 AND status = 'auto_resolved' GROUP BY order_no)
         SELECT row_number() OVER (ORDER BY b.line_no) AS i, b.*,
                e.paid AS earlier_paid, au.type AS auto_type,
-               a.id AS attempt_id, a.status AS our_status, d.amount AS our_amount, d.txn_no,
-               (a.created_at AT TIME ZONE $5)::date AS our_day, d.business_day AS ledger_day
+               a.id AS attempt_id, a.order_no AS our_order_no, a.status AS our_status,
+               a.disbursement_id, (a.created_at AT TIME ZONE $5)::date AS our_day
           FROM {_BANK} b
           LEFT JOIN earlier e ON e.order_no = b.order_no
           LEFT JOIN auto au ON au.order_no = b.order_no COLLATE "default"
-          LEFT JOIN attempts a ON a.order_no = b.order_no COLLATE "default" AND a.funder_id = $1
-          LEFT JOIN disbursements d ON d.id = a.disbursement_id
-         WHERE NOT coalesce(
+          FULL JOIN (SELECT id, order_no, status, n, created_at, alloc_funder, alloc_platform,
+                            disbursement_id
+                       FROM attempts WHERE funder_id = $1) a
+                 ON a.order_no = b.order_no COLLATE "default"
+         WHERE CASE WHEN b.order_no IS NULL  -- not listed: the day's own, not failed
+                    THEN a.created_at >= $6 AND a.created_at < $7 AND a.status <> 'failed'
+                    ELSE NOT coalesce(
                    a.id IS NOT NULL AND b.lines = 1 AND e.order_no IS NULL AND au.type IS NULL
-                   AND b.amount_min = d.amount AND d.business_day = $2
+                   AND a.n = 1 AND a.created_at >= $6 AND a.created_at < $7
+                   AND b.amount_min = a.alloc_funder + a.alloc_platform
                    AND ((b.succeeded = 1 AND a.status = 'succeeded')
-                        OR (b.failed = 1 AND a.status = 'failed')), false)
+                        OR (b.failed = 1 AND a.status = 'failed')), false) END
         """,
         funder_id,
         day,
         earlier_from,
         run_id,
         zone,
+        *bounds,
     )
     await conn.execute("CREATE INDEX ON recon_odd (i)")  # `odd_rows` reads it a page at a time
     row = await conn.fetchrow(
@@ -370,17 +395,14 @@ async def match(
               FROM recon_stage s LEFT JOIN recon_multi m USING (order_no)),
         odd AS (
             SELECT count(*) AS n,
-                   coalesce(sum(amount_min) FILTER (WHERE lines = 1), 0) AS single,
-                   coalesce(sum(net_paid) FILTER (WHERE ledger_day <> $1), 0) AS other
-              FROM recon_odd)
+                   coalesce(sum(amount_min) FILTER (WHERE lines = 1), 0) AS single
+              FROM recon_odd WHERE line_no IS NOT NULL)
         SELECT stage.lines::bigint, stage.amount::bigint, stage.paid::bigint,
                (stage.lines - stage.multi_lines + (SELECT count(*) FROM recon_multi)
                 - odd.n)::bigint AS matched,
-               (stage.amount - stage.multi - odd.single)::bigint AS matched_amount,
-               odd.other::bigint
+               (stage.amount - stage.multi - odd.single)::bigint AS matched_amount
           FROM stage, odd
-        """,
-        day,
+        """
     )
     assert row is not None
     return Totals(
@@ -389,7 +411,6 @@ async def match(
         matched=int(row["matched"]),
         matched_amount=int(row["matched_amount"]),
         paid=int(row["paid"]),
-        other_days=int(row["other"]),
     )
 
 
@@ -416,9 +437,18 @@ async def ledger_paid(conn: Conn, funder_id: str, day: date) -> int:
 
 
 async def odd_rows(conn: Conn, after: int, limit: int) -> list[asyncpg.Record]:
-    """The orders that are not plain matches, a page at a time, in statement order."""
+    """The orders that are not plain matches, a page at a time, in statement order, with
+    their disbursement's amount, transaction number and business day (`ledger_day`)."""
     return await conn.fetch(
-        "SELECT * FROM recon_odd WHERE i > $1 ORDER BY i LIMIT $2", after, limit
+        # a look-up per order (`OFFSET 0` keeps the planner from hashing all disbursements)
+        """SELECT o.*, d.amount AS our_amount, d.txn_no, d.business_day AS ledger_day
+             FROM (SELECT * FROM recon_odd WHERE i > $1 AND line_no IS NOT NULL
+                    ORDER BY i LIMIT $2) o
+             LEFT JOIN LATERAL (SELECT amount, txn_no, business_day FROM disbursements
+                                 WHERE id = o.disbursement_id OFFSET 0) d ON true
+            ORDER BY o.i""",
+        after,
+        limit,
     )
 
 
@@ -496,12 +526,10 @@ async def prune_seen(conn: Conn, funder_id: str, keep_from: date) -> list[str]:
     return names
 
 
-async def sweep_pending(
-    conn: Conn, funder_id: str, day: date, day_start: datetime, day_end: datetime, keep_from: date
-) -> None:
+async def sweep_pending(conn: Conn, funder_id: str, day: date, keep_from: date) -> None:
     """The pool after this statement: orders it lists are found (recomputed from
     `recon_seen`, so re-running a day with another file is exact); the day's own orders it
-    does not list join the pool."""
+    does not list (`match` kept them) join the pool."""
     await conn.execute(
         """
         UPDATE recon_pending p
@@ -521,19 +549,11 @@ async def sweep_pending(
     await conn.execute(
         """
         INSERT INTO recon_pending (funder_id, order_no, attempt_id, expected_day)
-        SELECT a.funder_id, a.order_no, a.id, $2
-          FROM attempts a
-         WHERE a.funder_id = $1 AND a.created_at >= $3 AND a.created_at < $4
-           AND a.status <> 'failed'
-           AND NOT EXISTS (SELECT 1 FROM recon_seen s
-                            WHERE s.funder_id = $1 AND s.business_day = $2
-                              AND s.order_no = a.order_no COLLATE "C")
+        SELECT $1, our_order_no, attempt_id, $2 FROM recon_odd WHERE line_no IS NULL
         ON CONFLICT (funder_id, order_no) DO NOTHING
         """,
         funder_id,
         day,
-        day_start,
-        day_end,
     )
     await conn.execute(
         "DELETE FROM recon_pending WHERE funder_id = $1 AND expected_day < $2",
