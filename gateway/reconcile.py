@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import structlog
 
 from config.models import Funder
@@ -311,7 +311,7 @@ def _break_row(
     return (
         order_no, d.type.value, status, SEVERITY[d.type], d.reason, attempt_id, txn_no,
         our_status, our_amount, bank_status, bank_amount, bank_ref, bank_lines, line_no,
-        json.dumps(evidence),
+        orjson.dumps(evidence).decode(),
     )  # fmt: skip
 
 

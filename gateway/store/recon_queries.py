@@ -660,6 +660,18 @@ async def save_breaks(conn: Conn, run_id: int, funder_id: str, day: date) -> Non
     updates = ", ".join(
         f"{c} = EXCLUDED.{c}" for c in BREAK_COLUMNS if c not in ("order_no", "type", "status")
     )
+    # first what an earlier run of the day found and this one does not (a first run has
+    # none: an index look-up), then the upsert, which never touches those
+    await conn.execute(
+        """
+        DELETE FROM recon_breaks r
+         WHERE r.run_id = $1 AND r.status IN ('open', 'auto_pending')
+           AND r.type <> 'ledger_total_mismatch'  -- the run's own finding: `save_ledger_break`
+           AND NOT EXISTS (SELECT 1 FROM recon_new_breaks n
+                            WHERE n.order_no = r.order_no AND n.type = r.type)
+        """,
+        run_id,
+    )
     await conn.execute(
         f"""
         INSERT INTO recon_breaks AS r (run_id, funder_id, business_day, {cols})
@@ -672,16 +684,6 @@ async def save_breaks(conn: Conn, run_id: int, funder_id: str, day: date) -> Non
         run_id,
         funder_id,
         day,
-    )
-    await conn.execute(
-        """
-        DELETE FROM recon_breaks r
-         WHERE r.run_id = $1 AND r.status IN ('open', 'auto_pending')
-           AND r.type <> 'ledger_total_mismatch'  -- the run's own finding: `save_ledger_break`
-           AND NOT EXISTS (SELECT 1 FROM recon_new_breaks n
-                            WHERE n.order_no = r.order_no AND n.type = r.type)
-        """,
-        run_id,
     )
 
 
