@@ -349,7 +349,10 @@ async def _classify(
         raise StatementError(f"duplicate line: repeats line {dup[0]}", dup[1])
     zone = svc.cfg.gateway.timezone
     start, end = _day_bounds(svc, day)
-    totals = await rq.match(conn, funder.id, day, (start, end), earlier_from, run_id, zone)
+    sent_from = start - timedelta(days=EARLIER_DAYS)  # older attempts: looked up one by one
+    totals = await rq.match(
+        conn, funder.id, day, (start, end), sent_from, earlier_from, run_id, zone
+    )
     summary.lines, summary.amount = totals.lines, totals.amount
     summary.matched.add(totals.matched_amount, totals.matched)
     summary.ledger.statement_paid = totals.paid

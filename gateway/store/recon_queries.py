@@ -317,23 +317,27 @@ async def match(
     funder_id: str,
     day: date,
     bounds: tuple[datetime, datetime],
+    sent_from: datetime,
     earlier_from: date,
     run_id: int,
     zone: str,
 ) -> Totals:
     """Match the staged statement (after `record_seen` and `find_multi`) in one statement:
-    each order joined with our attempt, its disbursement and what earlier statements of the
-    last days listed; only the orders that are not plain matches are kept (`recon_odd`, in
-    statement order), to be classified one by one. A plain match is one line, never listed
-    before, not already resolved by this day's run, same amount and final status
+    each order joined with our attempt and what earlier statements of the last days listed;
+    only the orders that are not plain matches are kept (`recon_odd`, in statement order), to
+    be classified one by one. A plain match is one line, never listed before, not already
+    resolved by this day's run, same amount and final status
     (`reconciliation.classify.is_plain_match`) of an order of this business day: it changes
     nothing but counts, so the joined rows of nearly every order are counted, not written. The
     counts are the statement's own totals less what the odd orders hold.
 
-    The same join also keeps the funder's attempts of the day (`bounds`) that the statement
-    does not list and that have not failed (no `line_no`): the pending pool's newcomers
-    (`sweep_pending`), found by the join that hashes the funder's attempts anyway instead of
-    an anti-join of their own.
+    The join hashes only the funder's attempts sent from `sent_from` on (the days a statement
+    lists nearly every order from), not the funder's whole history; an order the statement
+    lists whose attempt is older is looked up by its order number (`attempts`' unique index),
+    one look-up per such order. The same join (a FULL JOIN) also keeps the funder's attempts
+    of the day (`bounds`) that the statement does not list and that have not failed (no
+    `line_no`): the pending pool's newcomers (`sweep_pending`), without an anti-join of their
+    own.
 
     The plain test reads `attempts` alone, so the million-row join never touches
     `disbursements`: an attempt's amount is its allocation's total (`alloc_funder +
@@ -354,26 +358,40 @@ async def match(
              GROUP BY s.order_no),
         auto AS (
             SELECT order_no, min(type) AS type FROM recon_breaks
-             WHERE run_id = $4 AND status = 'auto_resolved' GROUP BY order_no)
-        SELECT row_number() OVER (ORDER BY b.line_no) AS i, b.*,
-               e.paid AS earlier_paid, au.type AS auto_type,
-               a.id AS attempt_id, a.order_no AS our_order_no, a.status AS our_status,
-               a.disbursement_id, (a.created_at AT TIME ZONE $5)::date AS our_day
-          FROM {_BANK} b
-          LEFT JOIN earlier e ON e.order_no = b.order_no
-          LEFT JOIN auto au ON au.order_no = b.order_no COLLATE "default"
-          FULL JOIN (SELECT id, order_no, status, n, created_at, alloc_funder, alloc_platform,
-                            disbursement_id
-                       FROM attempts WHERE funder_id = $1) a
-                 ON a.order_no = b.order_no COLLATE "default"
-         WHERE CASE WHEN b.order_no IS NULL  -- not listed: the day's own, not failed
-                    THEN a.created_at >= $6 AND a.created_at < $7 AND a.status <> 'failed'
-                    ELSE NOT coalesce(
+             WHERE run_id = $4 AND status = 'auto_resolved' GROUP BY order_no),
+        joined AS (
+            SELECT b.*, e.paid AS earlier_paid, au.type AS auto_type, a.id AS a_id,
+                   a.order_no AS a_order_no, a.status AS a_status, a.created_at AS a_created_at,
+                   a.disbursement_id AS a_disbursement_id
+              FROM {_BANK} b
+              LEFT JOIN earlier e ON e.order_no = b.order_no
+              LEFT JOIN auto au ON au.order_no = b.order_no COLLATE "default"
+              FULL JOIN (SELECT id, order_no, status, n, created_at, alloc_funder,
+                                alloc_platform, disbursement_id
+                           FROM attempts WHERE funder_id = $1 AND created_at >= $8) a
+                     ON a.order_no = b.order_no COLLATE "default"
+             WHERE CASE WHEN b.order_no IS NULL  -- not listed: the day's own, not failed
+                        THEN a.created_at >= $6 AND a.created_at < $7 AND a.status <> 'failed'
+                        ELSE NOT coalesce(
                    a.id IS NOT NULL AND b.lines = 1 AND e.order_no IS NULL AND au.type IS NULL
                    AND a.n = 1 AND a.created_at >= $6 AND a.created_at < $7
                    AND b.amount_min = a.alloc_funder + a.alloc_platform
                    AND ((b.succeeded = 1 AND a.status = 'succeeded')
-                        OR (b.failed = 1 AND a.status = 'failed')), false) END
+                        OR (b.failed = 1 AND a.status = 'failed')), false) END)
+        SELECT row_number() OVER (ORDER BY j.line_no) AS i,
+               j.order_no, j.lines, j.succeeded, j.failed, j.reversed, j.amount_min,
+               j.amount_max, j.line_no, j.bank_ref, j.net_paid, j.earlier_paid, j.auto_type,
+               coalesce(j.a_id, o.id) AS attempt_id,
+               coalesce(j.a_order_no, o.order_no) AS our_order_no,
+               coalesce(j.a_status, o.status) AS our_status,
+               coalesce(j.a_disbursement_id, o.disbursement_id) AS disbursement_id,
+               (coalesce(j.a_created_at, o.created_at) AT TIME ZONE $5)::date AS our_day
+          FROM joined j
+          LEFT JOIN LATERAL (  -- only for a listed order with no attempt since `sent_from`
+              SELECT id, order_no, status, created_at, disbursement_id FROM attempts
+               WHERE j.a_id IS NULL AND j.order_no IS NOT NULL
+                 AND order_no = j.order_no COLLATE "default" AND funder_id = $1
+              OFFSET 0) o ON true
         """,
         funder_id,
         day,
@@ -381,6 +399,7 @@ async def match(
         run_id,
         zone,
         *bounds,
+        sent_from,
     )
     await conn.execute("CREATE INDEX ON recon_odd (i)")  # `odd_rows` reads it a page at a time
     row = await conn.fetchrow(

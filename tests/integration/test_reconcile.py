@@ -566,6 +566,31 @@ async def test_an_order_listed_late_is_found_within_the_window(world: World) -> 
     assert results[4].summary.total_breaks == 0
 
 
+async def test_an_order_sent_weeks_before_its_statement_is_still_ours(world: World) -> None:
+    # the run hashes only the last week's attempts; older ones are looked up one by one
+    w = with_window(world, 0)
+    long_ago = D - timedelta(days=30)
+    await w.record("OLD-UNKNOWN", "unknown", day=long_ago)
+    await w.record("OLD-PAID", "succeeded", day=long_ago)
+    await w.record("OLD-OFF", "succeeded", day=long_ago, amount=AMOUNT + 1)
+    await w.record("TODAY", "succeeded")
+    for order_no in ("OLD-UNKNOWN", "OLD-PAID", "OLD-OFF", "TODAY"):
+        w.bank.add(D, order_no)
+
+    result = await reconcile_day(w.svc, "bank-a", D)
+
+    assert result.ok, result.error
+    breaks = await w.breaks(result.run_id)
+    assert "OLD-UNKNOWN/missing_at_gateway" not in breaks  # found, not a stranger's payout
+    assert breaks["OLD-UNKNOWN/status_mismatch_bank_succeeded"]["status"] == "auto_resolved"
+    assert await w.status("OLD-UNKNOWN") == ("succeeded", "succeeded")
+    assert breaks["OLD-OFF/amount_mismatch"]["attempt_id"] is not None
+    assert set(breaks) == {"OLD-UNKNOWN/status_mismatch_bank_succeeded", "OLD-OFF/amount_mismatch"}
+    assert result.summary.matched.count == 2  # OLD-PAID (another day's order) and TODAY
+    # the old orders are not the day's: not awaited, not in the pending pool
+    assert result.summary.pending.count == 0
+
+
 async def test_a_late_line_closes_the_missing_at_bank_break_of_an_earlier_day(
     world: World,
 ) -> None:
