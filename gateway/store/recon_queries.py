@@ -472,10 +472,10 @@ async def odd_rows(conn: Conn, after: int, limit: int) -> list[asyncpg.Record]:
 
 
 _SEEN_ROWS = """
-    SELECT $1::text, $2::date, order_no, count(*)::int,
+    SELECT $1::text AS funder_id, $2::date AS business_day, order_no, count(*)::int AS lines,
            (count(*) FILTER (WHERE status = 'succeeded')
-            - count(*) FILTER (WHERE status = 'reversed'))::int,
-           max(amount)
+            - count(*) FILTER (WHERE status = 'reversed'))::int AS paid,
+           max(amount)::bigint AS amount
       FROM recon_stage GROUP BY order_no ORDER BY order_no"""
 _SEEN_COLUMNS = "(funder_id, business_day, order_no, lines, paid, amount)"
 
@@ -486,8 +486,9 @@ async def record_seen(conn: Conn, funder_id: str, day: date) -> None:
     after staging: the rest of the run reads it (the orders on several lines, the pending
     pool).
 
-    A first run of the day loads a table of its own in key order (one sort serves the
-    grouping and the load), builds its primary key once and attaches it. A re-run empties
+    A first run of the day creates a table of its own from the grouped lines in key order
+    (`CREATE TABLE AS` writes in bulk; one sort serves the grouping, the load and the key),
+    builds its primary key once and attaches it. A re-run empties
     its partition and inserts again. Runs of any funder take `recon_seen` (the parent alone,
     so autovacuum of a partition is not in the way) in SHARE UPDATE EXCLUSIVE mode first,
     which only they conflict with: from here to their commit they go one at a time, so a
@@ -508,9 +509,12 @@ async def record_seen(conn: Conn, funder_id: str, day: date) -> None:
         await conn.execute(f"TRUNCATE {table}")
         await conn.execute(f"INSERT INTO {table} {_SEEN_COLUMNS} {_SEEN_ROWS}", funder_id, day)
         return
-    await conn.execute(f"CREATE TABLE {table} (LIKE recon_seen)")
-    await conn.execute(f"INSERT INTO {table} {_SEEN_COLUMNS} {_SEEN_ROWS}", funder_id, day)
-    await conn.execute(f"ALTER TABLE {table} ADD PRIMARY KEY (funder_id, business_day, order_no)")
+    await conn.execute(f"CREATE TABLE {table} AS {_SEEN_ROWS}", funder_id, day)
+    # the parent's constraints, in one pass over the table (attaching requires them)
+    await conn.execute(
+        f"""ALTER TABLE {table} ALTER lines SET NOT NULL, ALTER paid SET NOT NULL,
+                ALTER amount SET NOT NULL, ADD PRIMARY KEY (funder_id, business_day, order_no)"""
+    )
     await conn.execute(row["attach"])  # the key above becomes the partition's part of the parent's
 
 
