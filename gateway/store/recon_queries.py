@@ -185,17 +185,21 @@ async def stage_raw(conn: Conn) -> bool:
     amount; the distinct times in the exact ISO shape and real instants) and make it the
     `recon_stage` of the run: a view mapping the status words. False when a line is not in
     the fast path's shape. A time that is no real instant raises `asyncpg.DataError`. The
-    times are checked once per distinct value (`OFFSET 0` keeps the check above the
-    DISTINCT): a day's statement has far fewer distinct times than lines."""
+    lines are grouped by their time as they are checked, so each distinct time is then
+    checked once (`OFFSET 0` keeps that check above the grouping): a day's statement has far
+    fewer distinct times than lines."""
     odd = await conn.fetchval(
         f"""
-        SELECT EXISTS (SELECT 1 FROM recon_raw
-                        WHERE order_no IS NULL OR amount IS NULL OR amount < 0
-                           OR status IS NULL OR status NOT IN ('SUCCESS', 'FAILED', 'REVERSED'))
-            OR EXISTS (SELECT 1 FROM (SELECT DISTINCT finished_at FROM recon_raw
-                                       WHERE finished_at IS NOT NULL OFFSET 0) t
-                        WHERE finished_at !~ '{_TIME}'
-                           OR finished_at::timestamptz IS NULL)
+        SELECT EXISTS (
+            SELECT 1 FROM (SELECT finished_at,
+                                  bool_or(order_no IS NULL OR amount IS NULL OR amount < 0
+                                          OR status IS NULL
+                                          OR status NOT IN ('SUCCESS', 'FAILED', 'REVERSED'))
+                                      AS bad
+                             FROM recon_raw GROUP BY finished_at OFFSET 0) t
+             WHERE bad
+                OR (finished_at IS NOT NULL
+                    AND (finished_at !~ '{_TIME}' OR finished_at::timestamptz IS NULL)))
         """
     )
     if odd:
