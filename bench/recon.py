@@ -59,8 +59,12 @@ def _peak_mb() -> float:
 # ---------------------------------------------------------------- data
 
 
-async def prepare(url: str, n: int, statement: Path, seed: int = 7) -> dict[str, int]:
-    """N attempts in the database and the statement file; the expected break counts."""
+async def prepare(
+    url: str, n: int, statement: Path, seed: int = 7, history_days: int = 0
+) -> dict[str, int]:
+    """N attempts in the database and the statement file; the expected break counts. With
+    `history_days`, as many attempts again on each of that many days before (all settled,
+    none on the statement): the funder's history a production run joins against."""
     import asyncpg
 
     from gateway.store import db
@@ -124,6 +128,35 @@ async def prepare(url: str, n: int, statement: Path, seed: int = 7) -> dict[str,
             FUNDER,
             start,
         )
+        for back in range(1, history_days + 1):
+            when = start - timedelta(days=back)
+            await conn.execute(
+                f"""
+                INSERT INTO disbursements (txn_no, request_hash, client, loan_id, borrower_id,
+                    amount, currency, term_unit, term_count, apr, product, repayment,
+                    {payee_cols} payee_bank_code, status, funder_id, mode,
+                    alloc_funder, alloc_platform, business_day, created_at, updated_at)
+                SELECT 'H{back}-' || i, '\\x00', 'bench', 'L' || i, 'B' || i, 100000, 'CNY',
+                       'month', 12, 0.18, 'consumer-standard', 'equal_installment',
+                       {payee_vals} 'ICBC', 'succeeded', $2, 'direct', 100000, 0, $3, $4, $4
+                  FROM generate_series(1, $1) AS i
+                """,
+                n,
+                FUNDER,
+                DAY - timedelta(days=back),
+                when,
+            )
+            await conn.execute(
+                """
+                INSERT INTO attempts (disbursement_id, n, funder_id, order_no, status, mode,
+                    alloc_funder, alloc_platform, created_at, updated_at)
+                SELECT d.id, 1, $1, 'HO' || d.txn_no, 'succeeded', 'direct', 100000, 0, $2, $2
+                  FROM disbursements d WHERE d.txn_no LIKE $3
+                """,
+                FUNDER,
+                when,
+                f"H{back}-%",
+            )
         odd = [(i + 1, status[k]) for i, k in enumerate(kinds) if status[k] != "succeeded"]
         await conn.executemany("UPDATE attempts SET status = $2 WHERE id = $1", odd)
         await conn.executemany("UPDATE disbursements SET status = $2 WHERE id = $1", odd)
@@ -382,6 +415,12 @@ def main() -> int:
     p.add_argument("--url")
     p.add_argument("--statement")
     p.add_argument("--work")
+    p.add_argument(
+        "--history-days",
+        type=int,
+        default=0,
+        help="also N settled attempts on each of that many earlier days (the funder's history)",
+    )
     args = p.parse_args()
     if args.child:
         child(args.child, args.url, args.statement, args.work)
@@ -402,7 +441,7 @@ def main() -> int:
             for n in sizes:
                 statement = work / f"statement-{n}.csv"
                 t = time.perf_counter()
-                expected = asyncio.run(prepare(url, n, statement))
+                expected = asyncio.run(prepare(url, n, statement, history_days=args.history_days))
                 print(f"N={n:,}: data ready in {time.perf_counter() - t:.1f} s", file=sys.stderr)
                 ours = contender("fundgate", url, statement, work)
                 base = contender("pandas", url, statement, work)

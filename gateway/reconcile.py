@@ -73,6 +73,10 @@ SCHEDULER_LOCK_KEY = 0x7265636F6E63696C  # "reconcil": one process runs the sche
 # a bank repeats or reverses an order within days; statements older than this are not
 # searched for an earlier payout, and the pending pool looks back this much past the window
 EARLIER_DAYS = 7
+# a statement lists the orders sent that day, and a few sent the day before (overnight, a
+# bank's earlier cut-off): the match hashes the funder's attempts sent from this many days
+# before the statement day on, and looks up an older order by its number, one by one
+HASHED_DAYS_BEFORE = 1
 ODD_PAGE = 5000  # orders read back per round trip for one-by-one classification
 # automatic resolutions applied at once, each its own transaction on its own connection: a
 # resolution is a handful of short round trips, so a few overlap their waits
@@ -349,7 +353,7 @@ async def _classify(
         raise StatementError(f"duplicate line: repeats line {dup[0]}", dup[1])
     zone = svc.cfg.gateway.timezone
     start, end = _day_bounds(svc, day)
-    sent_from = start - timedelta(days=EARLIER_DAYS)  # older attempts: looked up one by one
+    sent_from = start - timedelta(days=HASHED_DAYS_BEFORE)
     totals = await rq.match(
         conn, funder.id, day, (start, end), sent_from, earlier_from, run_id, zone
     )

@@ -337,11 +337,11 @@ async def match(
 
     The join hashes only the funder's attempts sent from `sent_from` on (the days a statement
     lists nearly every order from), not the funder's whole history; an order the statement
-    lists whose attempt is older is looked up by its order number (`attempts`' unique index),
-    one look-up per such order. The same join (a FULL JOIN) also keeps the funder's attempts
-    of the day (`bounds`) that the statement does not list and that have not failed (no
-    `line_no`): the pending pool's newcomers (`sweep_pending`), without an anti-join of their
-    own.
+    lists whose attempt is older (a late listing, a payout that hung for days) is looked up by
+    its order number (`attempts`' unique index), one look-up per such order. The same join (a
+    FULL JOIN) also keeps the funder's attempts of the day (`bounds`) that the statement does
+    not list and that have not failed (no `line_no`): the pending pool's newcomers
+    (`sweep_pending`), without an anti-join of their own.
 
     The plain test reads `attempts` alone, so the million-row join never touches
     `disbursements`: an attempt's amount is its allocation's total (`alloc_funder +

@@ -567,7 +567,8 @@ async def test_an_order_listed_late_is_found_within_the_window(world: World) -> 
 
 
 async def test_an_order_sent_weeks_before_its_statement_is_still_ours(world: World) -> None:
-    # the run hashes only the last week's attempts; older ones are looked up one by one
+    # the run hashes only the attempts of the day and the day before; older ones are looked
+    # up one by one
     w = with_window(world, 0)
     long_ago = D - timedelta(days=30)
     await w.record("OLD-UNKNOWN", "unknown", day=long_ago)
