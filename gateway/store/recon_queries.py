@@ -687,8 +687,19 @@ async def save_breaks(conn: Conn, run_id: int, funder_id: str, day: date) -> Non
     updates = ", ".join(
         f"{c} = EXCLUDED.{c}" for c in BREAK_COLUMNS if c not in ("order_no", "type", "status")
     )
-    # first what an earlier run of the day found and this one does not (a first run has
-    # none: an index look-up), then the upsert, which never touches those
+    if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM recon_breaks WHERE run_id = $1)",
+                               run_id):  # fmt: skip
+        # the day's first run (the run lock keeps others out): a plain insert, no conflicts
+        await conn.execute(
+            f"""INSERT INTO recon_breaks (run_id, funder_id, business_day, {cols})
+                SELECT $1, $2, $3, {values} FROM recon_new_breaks""",
+            run_id,
+            funder_id,
+            day,
+        )
+        return
+    # first what an earlier run of the day found and this one does not, then the upsert,
+    # which never touches those
     await conn.execute(
         """
         DELETE FROM recon_breaks r
