@@ -233,6 +233,7 @@ class Bench:
                     [funder],
                     public_url=f"http://127.0.0.1:{p}",
                     webhook_url=f"http://127.0.0.1:{self.hook_port}/events",
+                    http_transport=self.args.http_transport,
                 )
             )
             running.append(self.procs.gateway(p, role, fundgate_env(url, config), pool_size=32))
@@ -406,6 +407,11 @@ def main() -> int:
     p.add_argument("--drain", type=float, default=30, help="seconds to wait for open outcomes")
     p.add_argument("--no-half-load", action="store_true", help="skip the latency phase")
     p.add_argument("--profile", action="store_true", help="py-spy the first gateway, saturated")
+    p.add_argument(
+        "--http-transport",
+        choices=("aiohttp", "httpx"),
+        help="the gateways' [gateway] http_transport (default: the gateway's default)",
+    )
     p.add_argument("--database-url", default=os.environ.get("FUNDGATE_DATABASE_URL"))
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, db)")
     args = p.parse_args()

@@ -58,13 +58,16 @@ def config_toml(
     webhook_url: str | None = None,
     platform_daily_limit: int = FAR_LIMIT,
     limit_buckets: int | None = None,
+    http_transport: str | None = None,
 ) -> str:
     """A bench config: the `demo-token` client, one product, direct sandbox funders;
-    `limit_buckets` None keeps the gateway's default."""
+    `limit_buckets` and `http_transport` None keep the gateway's defaults."""
     token_sha256 = hashlib.sha256(TOKEN.encode()).hexdigest()
     gateway = f'platform_daily_limit = {platform_daily_limit}\npublic_url = "{public_url}"\n'
     if limit_buckets is not None:
         gateway += f"limit_buckets = {limit_buckets}\n"
+    if http_transport is not None:
+        gateway += f'http_transport = "{http_transport}"\n'
     parts = [f"[gateway]\n{gateway}"]
     if webhook_url is not None:
         parts.append(

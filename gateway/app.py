@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator
 from typing import Literal
 
 import asyncpg
-import httpx
 import structlog
 from aiohttp import web
 
 from config.models import FileConfig
 from connectors import registry
 from connectors.base import BankConnector
+from connectors.transport import outbound_client
 from gateway import housekeeping, ledger, pii
 from gateway.api import SERVICES, install_routes
 from gateway.context import Services, business_day
@@ -61,9 +61,7 @@ def create_app(
     async def resources(app: web.Application) -> AsyncIterator[None]:
         own_pool = pool is None
         p = pool or await db.create_pool(database_url or "", max_size=pool_size)
-        http = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=100)
-        )
+        http = outbound_client(cfg.gateway.http_transport)
         try:
             async with p.acquire() as conn:
                 applied = await db.migrate(conn)

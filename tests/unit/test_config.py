@@ -252,3 +252,11 @@ def test_unset_secret_deep_in_connector_options_is_reported_with_its_path(
     monkeypatch.delenv(UNSET_VAR, raising=False)
     raw["funders"][1]["connector_options"]["secret"] = f"env:{UNSET_VAR}"
     assert has(errors_of(raw), "funders[1].connector_options.secret", UNSET_VAR)
+
+
+def test_the_outbound_http_transport_is_aiohttp_unless_configured(raw: Raw) -> None:
+    assert parse_config(raw, "test.toml").gateway.http_transport == "aiohttp"
+    raw["gateway"]["http_transport"] = "httpx"
+    assert parse_config(raw, "test.toml").gateway.http_transport == "httpx"
+    raw["gateway"]["http_transport"] = "curl"
+    assert has(errors_of(raw), "gateway.http_transport")
