@@ -9,6 +9,7 @@ from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import asyncpg
 import structlog
 from aiohttp import web
 
@@ -302,39 +303,39 @@ async def bank_callback(request: web.Request) -> web.StreamResponse:
         log.warning("callback.refused", funder_id=funder_id, reason=e.reason, detail=e.message)
         raise Unauthorized("callback_refused", e.message, details={"reason": e.reason}) from e
     structlog.contextvars.bind_contextvars(order_no=event.order_no)
-    async with svc.db() as conn, conn.transaction():
-        ref = await q.attempt_by_order(conn, event.order_no)
-        if ref is None or ref["funder_id"] != funder_id:
+    # no transaction: the nonce and the move are one statement (outcomes.move); the attempt is
+    # read without a lock and read again if it moves before that statement
+    settle = outcomes.Settle(nonce=(funder_id, event.nonce))
+
+    async def apply(a: asyncpg.Record) -> bool | None:
+        if event.amount is not None and event.amount != a["amount"]:
+            await outcomes.settle_only(conn, a, settle)  # the nonce is spent all the same
+            return None
+        return await outcomes.apply_bank_status(
+            conn, svc, a, event.status, bank_ref=event.bank_ref, fail_code=event.fail_code,
+            fail_reason=event.fail_reason, source="callback", settle=settle,
+        )  # fmt: skip
+
+    async with svc.db() as conn:
+        a = await q.attempt_by_order(conn, event.order_no)
+        if a is None or a["funder_id"] != funder_id:
             svc.metrics.callback(funder_id, "refused", "unknown_order")
             raise NotFound(f"no order {event.order_no} at {funder_id}", code="unknown_order")
-        if not await q.remember_nonce(conn, funder_id, event.nonce):
+        try:
+            moved = await outcomes.retry_stale(conn, a, apply)
+        except outcomes.Replayed as e:
             svc.metrics.callback(funder_id, "refused", "replayed")
             log.warning("callback.refused", funder_id=funder_id, reason="replayed")
             raise Unauthorized(
                 "callback_refused", "nonce already used", details={"reason": "replayed"}
-            )
-        a = await q.lock_attempt(conn, ref["id"])
-        assert a is not None
-        if event.amount is not None and event.amount != a["amount"]:
-            # the bank reports a different amount: do not settle on it; reconciliation decides
-            log.error(
-                "callback.amount_mismatch",
-                order_no=event.order_no,
-                ours=a["amount"],
-                bank=event.amount,
-            )
-            svc.metrics.callback(funder_id, "refused", "amount_mismatch")
-            return connector.callback_ack(True)
-        moved = await outcomes.apply_bank_status(
-            conn,
-            svc,
-            a,
-            event.status,
-            bank_ref=event.bank_ref,
-            fail_code=event.fail_code,
-            fail_reason=event.fail_reason,
-            source="callback",
+            ) from e
+    if moved is None:
+        # the bank reports a different amount: do not settle on it; reconciliation decides
+        log.error(
+            "callback.amount_mismatch", order_no=event.order_no, ours=a["amount"], bank=event.amount
         )
+        svc.metrics.callback(funder_id, "refused", "amount_mismatch")
+        return connector.callback_ack(True)
     svc.metrics.callback(funder_id, "accepted" if moved else "duplicate", None)
     log.info("callback.received", funder_id=funder_id, status=str(event.status), applied=moved)
     return connector.callback_ack(True)

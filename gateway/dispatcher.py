@@ -30,7 +30,15 @@ from connectors.errors import NotSent, OutcomeUnknown, Rejected
 from gateway import pii, states
 from gateway.context import Services
 from gateway.metrics import ConnectorOutcome
-from gateway.outcomes import BANK_TO_STATE, apply_bank_status, fail_over, move, query_delay
+from gateway.outcomes import (
+    BANK_TO_STATE,
+    Settle,
+    apply_bank_status,
+    fail_over,
+    move,
+    query_delay,
+    retry_stale,
+)
 from gateway.store import queries as q
 
 log = structlog.get_logger("fundgate.dispatcher")
@@ -219,9 +227,29 @@ class Dispatcher(_Loop):
         rows = sum(per_funder * self.batch.get(f, 1) for f in svc.funders)
         super().__init__(svc, capacity=max(per_funder, rows))
         self.limits = {f: asyncio.Semaphore(per_funder) for f in svc.funders}
+        # outbox row id -> its attempt, read with the claim (one query for all claimed rows
+        # instead of one per row); taken by the row's handler, dropped when its task ends
+        self.attempts: dict[int, asyncpg.Record] = {}
 
     async def claim(self, conn: q.Conn, n: int) -> list[asyncpg.Record]:
-        return await q.claim(conn, "dispatch", n, self.svc.cfg.dispatch.lease_seconds)
+        rows = await q.claim(conn, "dispatch", n, self.svc.cfg.dispatch.lease_seconds)
+        if rows:
+            found = await q.load_attempts(conn, [r["ref_id"] for r in rows])
+            self.attempts.update(
+                {r["id"]: found[r["ref_id"]] for r in rows if r["ref_id"] in found}
+            )
+        return rows
+
+    async def _attempt(self, conn: q.Conn, row: asyncpg.Record) -> asyncpg.Record | None:
+        """The row's attempt as read with the claim (as `queries.load_attempt` reads it: no
+        lock), or read now."""
+        a = self.attempts.pop(row["id"], None)
+        return a if a is not None else await q.load_attempt(conn, row["ref_id"])
+
+    def _done(self, t: asyncio.Task[None]) -> None:
+        for row_id in self.claimed.get(t, ()):
+            self.attempts.pop(row_id, None)
+        super()._done(t)
 
     async def release(self, conn: q.Conn, ids: list[int]) -> None:
         await q.release_leases(conn, ids)
@@ -251,8 +279,10 @@ class Dispatcher(_Loop):
 
     async def handle(self, row: asyncpg.Record) -> None:
         svc = self.svc
-        async with svc.pool.acquire() as conn:
-            a = await q.load_attempt(conn, row["ref_id"])
+        a = self.attempts.pop(row["id"], None)
+        if a is None:
+            async with svc.pool.acquire() as conn:
+                a = await q.load_attempt(conn, row["ref_id"])
         if a is None or a["status"] not in ("accepted", "unknown"):
             async with svc.pool.acquire() as conn:
                 await q.finish_outbox(conn, row["id"])
@@ -278,7 +308,7 @@ class Dispatcher(_Loop):
         strays: list[asyncpg.Record] = []
         async with svc.pool.acquire() as conn:
             for row in rows:
-                a = await q.load_attempt(conn, row["ref_id"])
+                a = await self._attempt(conn, row)
                 if a is None or a["status"] not in ("accepted", "unknown"):
                     await q.finish_outbox(conn, row["id"])
                 elif a["funder_id"] != funder_id:
@@ -309,7 +339,11 @@ class Dispatcher(_Loop):
                 log.exception("dispatcher.record_failed", row_id=row["id"], order_no=a["order_no"])
 
     async def _record(self, row: asyncpg.Record, a: asyncpg.Record, result: Result) -> None:
-        """Apply one order's outcome and settle its outbox row, in one transaction."""
+        """Apply one order's outcome and settle its outbox row, in one transaction (an answer
+        of the bank: in one statement, `_record_answer`)."""
+        if isinstance(result, PayoutResult):
+            await self._record_answer(row, a, result)
+            return
         svc = self.svc
         async with svc.pool.acquire() as conn, conn.transaction():
             await note_circuit(conn, svc, a["funder_id"])
@@ -334,6 +368,33 @@ class Dispatcher(_Loop):
             else:
                 delay = svc.cfg.dispatch.not_sent_backoff_seconds * max(1, row["tries"])
                 await q.retry_outbox(conn, row["id"], delay, str(result))
+
+    async def _record_answer(
+        self, row: asyncpg.Record, a: asyncpg.Record, result: PayoutResult
+    ) -> None:
+        """The bank answered about the order (the common case): the move and the outbox row in
+        one statement (`outcomes.move`), no transaction held open. `a` was read before the
+        call; when a callback or a query moved the attempt meanwhile, it is read again and the
+        answer applied to what it is now."""
+        svc = self.svc
+        settle = Settle(outbox_id=row["id"])
+
+        async def apply(a: asyncpg.Record) -> None:
+            if result.status in BANK_TO_STATE:
+                await apply_bank_status(
+                    conn, svc, a, result.status, bank_ref=result.bank_ref,
+                    fail_code=result.fail_code, fail_reason=result.fail_reason,
+                    source="dispatch", settle=settle,
+                )  # fmt: skip
+            else:  # an answer the mapping does not know: only a query can tell
+                await move(
+                    conn, svc, a, "unknown", bank_ref=result.bank_ref, source="dispatch",
+                    settle=settle,
+                )  # fmt: skip
+
+        async with svc.pool.acquire() as conn:
+            await note_circuit(conn, svc, a["funder_id"])
+            await retry_stale(conn, a, apply)
 
     async def _call_batch(self, connector_name: str, orders: list[PayoutOrder]) -> list[Result]:
         """One `disburse_batch` call: an outcome per order, whatever the connector does."""

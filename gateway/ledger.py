@@ -121,17 +121,33 @@ async def reserve(
     )
 
 
+RELEASED = "disbursement.released"
+PAID = "disbursement.paid"
+
+
+def release_entries(
+    funder_id: str, funder_share: int, platform_share: int
+) -> list[tuple[str, int]]:
+    """Failed: the acceptance reversed, transit back to the funder and the custody account."""
+    return [
+        (transit_account(funder_id), -(funder_share + platform_share)),
+        (funder_account(funder_id), funder_share),
+        (custody_account(funder_id), platform_share),
+    ]
+
+
+def settle_entries(funder_id: str, amount: int) -> list[tuple[str, int]]:
+    """Succeeded: the money left transit for the borrower."""
+    return [(transit_account(funder_id), -amount), (PAYOUTS, amount)]
+
+
 async def release(
     conn: q.Conn, txn_no: str, funder_id: str, funder_share: int, platform_share: int, day: date
 ) -> None:
     await post(
         conn,
-        "disbursement.released",
-        [
-            (transit_account(funder_id), -(funder_share + platform_share)),
-            (funder_account(funder_id), funder_share),
-            (custody_account(funder_id), platform_share),
-        ],
+        RELEASED,
+        release_entries(funder_id, funder_share, platform_share),
         day=day,
         txn_no=txn_no,
         funder_id=funder_id,
@@ -140,12 +156,7 @@ async def release(
 
 async def settle(conn: q.Conn, txn_no: str, funder_id: str, amount: int, day: date) -> None:
     await post(
-        conn,
-        "disbursement.paid",
-        [(transit_account(funder_id), -amount), (PAYOUTS, amount)],
-        day=day,
-        txn_no=txn_no,
-        funder_id=funder_id,
+        conn, PAID, settle_entries(funder_id, amount), day=day, txn_no=txn_no, funder_id=funder_id
     )
 
 

@@ -60,6 +60,17 @@ async def release_funder(
     await q.return_prefund(conn, funder_id, platform_amount)
 
 
+def releases(a: asyncpg.Record) -> list[tuple[str, int, int]]:
+    """What `release` gives back, as (scope, bucket, amount) in lock order (the platform's
+    first), for a transition written in one statement (migration 0013); the platform's share
+    goes back to the prefund too (`a["alloc_platform"]`)."""
+    amount = a["amount"]
+    return [
+        (q.PLATFORM_SCOPE, a["platform_bucket"], amount),
+        (q.funder_scope(a["funder_id"]), a["limit_bucket"], amount),
+    ]
+
+
 async def release(conn: q.Conn, a: asyncpg.Record) -> None:
     """Give back everything an attempt (a `queries.lock_attempt` row) holds: the platform's
     usage, then the funder's and its prefund, each in the bucket it was reserved in."""

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import time
 from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 import structlog
 from tenacity import (
     AsyncRetrying,
@@ -44,11 +44,31 @@ class Notifier(_Loop):
 
     def __init__(self, svc: Services) -> None:
         super().__init__(svc, capacity=16)
+        # delivered rows, deleted with the next claim (one statement for all delivered since,
+        # instead of one each); still leased meanwhile, so nobody sends them again unless this
+        # process dies first, which at-least-once delivery allows
+        self.delivered: set[int] = set()
 
     async def claim(self, conn: q.Conn, n: int) -> list[asyncpg.Record]:
+        await self._forget_delivered(conn)
         if self.svc.cfg.lending_core is None:
             return []
         return await q.claim(conn, "webhook", n, self.svc.cfg.dispatch.lease_seconds)
+
+    async def _forget_delivered(self, conn: q.Conn) -> None:
+        if self.delivered:
+            ids = list(self.delivered)
+            await q.finish_outboxes(conn, ids)
+            self.delivered.difference_update(ids)
+
+    async def drain(self, timeout: float) -> None:
+        await super().drain(timeout)
+        if self.delivered:
+            try:
+                async with self.svc.pool.acquire(timeout=2) as conn:
+                    await self._forget_delivered(conn)
+            except (TimeoutError, OSError, asyncpg.PostgresError) as e:
+                log.warning("notifier.finish_failed", error=str(e), rows=len(self.delivered))
 
     async def release(self, conn: q.Conn, ids: list[int]) -> None:
         await q.release_leases(conn, ids)
@@ -56,7 +76,7 @@ class Notifier(_Loop):
     async def _post(self, payload: dict[str, Any]) -> None:
         lc = self.svc.cfg.lending_core
         assert lc is not None
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        body = orjson.dumps(payload)  # compact UTF-8, as json.dumps(ensure_ascii=False)
         ts = str(int(time.time()))
         resp = await self.svc.http.post(
             lc.webhook_url,
@@ -97,7 +117,6 @@ class Notifier(_Loop):
                 error=str(e) or type(e).__name__,
             )
             return
-        async with self.svc.pool.acquire() as conn:
-            await q.finish_outbox(conn, row["id"])
+        self.delivered.add(row["id"])  # deleted by the next claim (this task's end wakes it)
         self.svc.metrics.webhook("delivered")
         log.info("webhook.delivered", txn_no=payload.get("txn_no"), status=payload.get("status"))

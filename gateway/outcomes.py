@@ -3,13 +3,16 @@ outbox row and the voucher. Used by the dispatcher, the poller and the callback 
 so the state machine has exactly one implementation.
 
 Every function here expects the attempt row locked by `queries.lock_attempt` in the caller's
-transaction.
+transaction, except `move` (and `apply_bank_status`), which may also take a row read without
+a lock: it then writes in one statement only if the attempt has not moved meanwhile.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import structlog
@@ -39,20 +42,73 @@ def query_delay(svc: Services, query_count: int) -> float:
 
 
 async def _event(conn: q.Conn, kind: str, a: asyncpg.Record, status: str, **extra: Any) -> None:
-    await q.voucher(
-        conn,
-        kind,
-        {
-            "txn_no": a["txn_no"],
-            "order_no": a["order_no"],
-            "attempt": a["n"],
-            "funder_id": a["funder_id"],
-            "status": status,
-            "amount": a["amount"],
-            **extra,
-        },
-        a["txn_no"],
-    )
+    await q.voucher(conn, kind, _event_of(a, status, **extra), a["txn_no"])
+
+
+def _event_of(a: asyncpg.Record, status: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "txn_no": a["txn_no"],
+        "order_no": a["order_no"],
+        "attempt": a["n"],
+        "funder_id": a["funder_id"],
+        "status": status,
+        "amount": a["amount"],
+        **extra,
+    }
+
+
+class Stale(Exception):
+    """The attempt moved on since it was read without a lock; nothing was written. Read it
+    again and decide again (`retry_stale`)."""
+
+
+class Replayed(Exception):
+    """The callback's nonce was seen before; nothing was written."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """What commits with a bank's report, whether or not it moves the attempt."""
+
+    outbox_id: int | None = None  # the dispatch row the bank's answer settles
+    nonce: tuple[str, str] | None = None  # (funder_id, nonce) of the callback that brought it
+
+
+# each stale read follows a change of the attempt by someone else: a few at most
+STALE_RETRIES = 10
+
+T = TypeVar("T")
+
+
+async def retry_stale(
+    conn: q.Conn, a: asyncpg.Record, decide: Callable[[asyncpg.Record], Awaitable[T]]
+) -> T:
+    """`decide(a)` for an attempt read without a lock, read again while it raises `Stale`."""
+    for _ in range(STALE_RETRIES):
+        try:
+            return await decide(a)
+        except Stale:
+            fresh = await q.load_attempt(conn, a["id"])
+            if fresh is None:
+                raise
+            a = fresh
+    raise Stale(f"attempt {a['id']} kept changing: {STALE_RETRIES} tries")
+
+
+def _checked(outcome: str) -> None:
+    if outcome == "replayed":
+        raise Replayed("nonce already used")
+    if outcome in ("stale", "missing"):
+        raise Stale(outcome)
+
+
+async def settle_only(conn: q.Conn, a: asyncpg.Record, settle: Settle) -> None:
+    """Commit `settle` without moving the attempt (a late, duplicate or untrusted report)."""
+    outcome = await q.move(
+        conn, a["id"], a["status"], None, a["updated_at"],  # the time is unused: no move
+        finish_outbox=settle.outbox_id, nonce=settle.nonce,
+    )  # fmt: skip
+    _checked(outcome)
 
 
 async def move(
@@ -64,41 +120,76 @@ async def move(
     bank_ref: str | None = None,
     error: dict[str, Any] | None = None,
     source: str,
+    settle: Settle | None = None,
 ) -> bool:
-    """Move a locked attempt (and its disbursement) to `new`; False when that would not be a
-    forward step (a late or duplicate report): then nothing changes."""
+    """Move an attempt (and its disbursement) to `new`, with its limit release or ledger
+    posting, its voucher and, when terminal, the outcome webhook, all in one statement
+    (`fg_move`); False when that would not be a forward step (a late or duplicate report):
+    then nothing changes but `settle`.
+
+    `a` is a `queries.load_attempt`/`lock_attempt` row. Locked in the caller's transaction, it
+    is the truth. Read without a lock, the change is written only if the attempt's status is
+    still `a["status"]`; otherwise nothing is and `Stale` is raised (see `retry_stale`)."""
     if not states.can_move(a["status"], new):
+        if settle is not None:
+            await settle_only(conn, a, settle)
         return False
     now = svc.clock()
-    fields: dict[str, Any] = {"status": new}
-    if bank_ref is not None:
-        fields["bank_ref"] = bank_ref
-    if error is not None:
-        fields["error"] = error
-    if new in states.TERMINAL:
-        fields["next_query_at"] = None
-    elif new in states.QUERYABLE:
-        if a["next_query_at"] is None or new != a["status"]:
-            fields["next_query_at"] = now + timedelta(seconds=query_delay(svc, 0))
-            fields["query_count"] = 0
-        if new == "unknown" and a["unknown_since"] is None:
-            fields["unknown_since"] = now
-    await q.update_attempt(conn, a["id"], now, **fields)
-
-    d_fields: dict[str, Any] = {"status": new}
+    next_query_at, query_count, unknown_since = None, None, None
+    if new in states.QUERYABLE:
+        next_query_at = now + timedelta(seconds=query_delay(svc, 0))
+        query_count = 0
+        if new == "unknown":
+            unknown_since = now  # unless it has one: it was unknown before
+    failure: dict[str, Any] | None = None
+    releases: list[tuple[str, int, int]] = []
+    prefund_return = 0
+    ledger_kind: str | None = None
+    ledger_entries: list[tuple[str, int]] = []
     if new == "failed":
-        d_fields["failure"] = error or {"code": "failed", "message": "the bank failed the payout"}
-        await limits.release(conn, a)  # platform first: intake's lock order, never a deadlock
-        await ledger.release(
-            conn, a["txn_no"], a["funder_id"], a["alloc_funder"], a["alloc_platform"],
-            a["business_day"],
-        )  # fmt: skip
+        failure = error or {"code": "failed", "message": "the bank failed the payout"}
+        releases = limits.releases(a)  # platform first: intake's lock order, never a deadlock
+        prefund_return = a["alloc_platform"]
+        ledger_kind = ledger.RELEASED
+        ledger_entries = ledger.release_entries(
+            a["funder_id"], a["alloc_funder"], a["alloc_platform"]
+        )
     elif new == "succeeded":
-        await ledger.settle(conn, a["txn_no"], a["funder_id"], a["amount"], a["business_day"])
-    await q.update_disbursement(conn, a["disbursement_id"], now, **d_fields)
-    await _event(conn, f"disbursement.{new}", a, new, source=source, bank_ref=bank_ref)
-    if new in states.TERMINAL:
-        await _notify_lending_core(conn, svc, a["disbursement_id"])
+        ledger_kind = ledger.PAID
+        ledger_entries = ledger.settle_entries(a["funder_id"], a["amount"])
+    lines = ledger.lines_of(ledger_kind, ledger_entries) if ledger_kind else []
+    ledger_voucher = (
+        q.canonical(ledger.voucher_event(-1, ledger_kind, lines, a["txn_no"], None))
+        if ledger_kind
+        else None
+    )
+    webhook = new in states.TERMINAL and svc.cfg.lending_core is not None
+    outcome = await q.move(
+        conn,
+        a["id"],
+        a["status"],
+        new,
+        now,
+        bank_ref=bank_ref,
+        error=error,
+        failure=failure,
+        next_query_at=next_query_at,
+        query_count=query_count,
+        unknown_since=unknown_since,
+        releases=releases,
+        prefund_return=prefund_return,
+        ledger_kind=ledger_kind,
+        ledger_lines=lines,
+        ledger_voucher=ledger_voucher,
+        voucher_kind=f"disbursement.{new}",
+        voucher=q.canonical(_event_of(a, new, source=source, bank_ref=bank_ref)),
+        webhook=webhook,
+        finish_outbox=None if settle is None else settle.outbox_id,
+        nonce=None if settle is None else settle.nonce,
+    )
+    _checked(outcome)
+    if webhook:  # after the commit, or soon enough after it: the notifiers also poll
+        svc.wakeups.wake_notifiers()
     svc.metrics.disbursement_transition(a["funder_id"], new, a["amount"])
     log.info(
         "disbursement.state",
@@ -129,17 +220,23 @@ async def apply_bank_status(
     fail_code: str | None = None,
     fail_reason: str | None = None,
     source: str,
+    settle: Settle | None = None,
 ) -> bool:
-    """A definite bank status (accepted/processing/succeeded/failed) for this order."""
+    """A definite bank status (accepted/processing/succeeded/failed) for this order; see
+    `move` for `settle` and an attempt read without a lock."""
     new = BANK_TO_STATE.get(status)
     if new is None:
+        if settle is not None:
+            await settle_only(conn, a, settle)
         return False
     if new == "sent" and a["status"] == "unknown":
         new = "processing"  # the bank has the order after all: it is working on it
     error = None
     if new == "failed":
         error = {"code": fail_code or "bank_failed", "message": fail_reason or "failed at bank"}
-    return await move(conn, svc, a, new, bank_ref=bank_ref, error=error, source=source)
+    return await move(
+        conn, svc, a, new, bank_ref=bank_ref, error=error, source=source, settle=settle
+    )
 
 
 async def fail_over(

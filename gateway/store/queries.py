@@ -5,6 +5,7 @@ voucher event commit together or not at all."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any
 
@@ -249,13 +250,13 @@ async def attempts_of(conn: Conn, disbursement_ids: list[int]) -> dict[int, list
 
 
 # an attempt with what dispatch and the state machine need of its disbursement
-_ATTEMPT = """
+_ATTEMPT_OF = """
     SELECT a.*, d.txn_no, d.amount, d.currency, d.business_day, d.status AS d_status,
            d.platform_bucket,
            d.payee_account_no_enc, d.payee_account_name_enc, d.payee_bank_code
       FROM attempts a JOIN disbursements d ON d.id = a.disbursement_id
-     WHERE a.id = $1
 """
+_ATTEMPT = _ATTEMPT_OF + " WHERE a.id = $1"
 
 
 async def lock_attempt(conn: Conn, attempt_id: int) -> asyncpg.Record | None:
@@ -267,9 +268,76 @@ async def load_attempt(conn: Conn, attempt_id: int) -> asyncpg.Record | None:
     return await conn.fetchrow(_ATTEMPT, attempt_id)
 
 
+async def load_attempts(conn: Conn, attempt_ids: list[int]) -> dict[int, asyncpg.Record]:
+    """`load_attempt` for several attempts in one query, by attempt id."""
+    rows = await conn.fetch(_ATTEMPT_OF + " WHERE a.id = ANY($1::bigint[])", attempt_ids)
+    return {r["id"]: r for r in rows}
+
+
 async def attempt_by_order(conn: Conn, order_no: str) -> asyncpg.Record | None:
-    return await conn.fetchrow(
-        "SELECT id, funder_id, status FROM attempts WHERE order_no = $1", order_no
+    """The attempt of a bank order number, as `load_attempt` reads it (no lock)."""
+    return await conn.fetchrow(_ATTEMPT_OF + " WHERE a.order_no = $1", order_no)
+
+
+_MOVE = "SELECT fg_move(" + ", ".join(f"${i}" for i in range(1, 25)) + ")"
+
+
+async def move(
+    conn: Conn,
+    attempt_id: int,
+    from_status: str,
+    new: str | None,
+    now: datetime,
+    *,
+    bank_ref: str | None = None,
+    error: dict[str, Any] | None = None,
+    failure: dict[str, Any] | None = None,
+    next_query_at: datetime | None = None,
+    query_count: int | None = None,
+    unknown_since: datetime | None = None,
+    releases: Sequence[tuple[str, int, int]] = (),
+    prefund_return: int = 0,
+    ledger_kind: str | None = None,
+    ledger_lines: Sequence[tuple[str, int]] = (),
+    ledger_voucher: str | None = None,
+    voucher_kind: str | None = None,
+    voucher: str | None = None,
+    webhook: bool = False,
+    finish_outbox: int | None = None,
+    nonce: tuple[str, str] | None = None,
+) -> str:
+    """One state transition in one statement (`fg_move`, migration 0013): 'moved',
+    'unchanged' (`new` None: only the outbox row and the nonce), 'stale' (the attempt's status
+    is no longer `from_status`: nothing written), 'replayed' (the nonce was seen: nothing
+    written) or 'missing'."""
+    return str(
+        await conn.fetchval(
+            _MOVE,
+            attempt_id,
+            from_status,
+            new,
+            now,
+            bank_ref,
+            error,
+            failure,
+            next_query_at,
+            query_count,
+            unknown_since,
+            [r[0] for r in releases],
+            [r[1] for r in releases],
+            [r[2] for r in releases],
+            prefund_return,
+            ledger_kind,
+            [a for a, _ in ledger_lines],
+            [n for _, n in ledger_lines],
+            ledger_voucher,
+            voucher_kind,
+            voucher,
+            webhook,
+            finish_outbox,
+            None if nonce is None else nonce[0],
+            None if nonce is None else nonce[1],
+        )
     )
 
 
@@ -407,6 +475,10 @@ async def release_leases(conn: Conn, outbox_ids: list[int]) -> None:
 
 async def finish_outbox(conn: Conn, outbox_id: int) -> None:
     await conn.execute("DELETE FROM outbox WHERE id = $1", outbox_id)
+
+
+async def finish_outboxes(conn: Conn, outbox_ids: list[int]) -> None:
+    await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", outbox_ids)
 
 
 async def retry_outbox(conn: Conn, outbox_id: int, delay_seconds: float, error: str) -> None:

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from connectors.base import BankStatus
+from gateway.notifier import Notifier
 from tests.fakes import SUCCEED, reject
 from tests.integration.conftest import (
     WEBHOOK_SECRET,
@@ -113,10 +114,38 @@ async def test_work_is_picked_up_on_notification_not_on_the_polling_interval(
     start_gateway: StartGateway,
 ) -> None:
     """With polling an hour apart, the payout is dispatched (intake's coalesced wake-up) and
-    its webhook sent (NOTIFY at the outcome's commit) within seconds."""
+    its webhook sent (the outcome's coalesced wake-up) within seconds."""
     h = await start_gateway(dispatch={"poll_interval_seconds": 3600})
     await h.register()
     h.banks["bank-a"].script(SUCCEED)
     await h.accepted("T-WH-NOTIFY")
     await h.wait_status("T-WH-NOTIFY", "succeeded")
     await eventually(lambda: _quiet(h, 1), "the webhook to be delivered")
+
+
+@pytest.mark.asyncio
+async def test_delivered_rows_are_deleted_together_by_the_next_claim_or_at_shutdown(
+    start_gateway: StartGateway,
+) -> None:
+    h = await start_gateway(role="api")  # no notifier of its own: this test drives one
+    await h.register()
+    for txn_no in ("T-WH-BATCH-1", "T-WH-BATCH-2", "T-WH-BATCH-3"):
+        body = await h.accepted(txn_no)
+        async with h.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO outbox (kind, ref_id, payload) VALUES ('webhook', 0, $1)", body
+            )
+    notifier = Notifier(h.svc)
+    async with h.pool.acquire() as conn:
+        rows = await notifier.claim(conn, 2)
+    for row in rows:
+        await notifier.handle(row)
+    assert len(h.core.deliveries) == 2
+    assert len(await h.outbox("webhook")) == 3  # delivered, still leased, not yet deleted
+    async with h.pool.acquire() as conn:
+        [last] = await notifier.claim(conn, 2)  # deletes the two, claims the third
+    assert [r["id"] for r in await h.outbox("webhook")] == [last["id"]]
+    await notifier.handle(last)
+    await notifier.drain(1)
+    assert await h.outbox("webhook") == []
+    assert len(h.core.deliveries) == 3
