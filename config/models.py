@@ -137,6 +137,8 @@ class SecurityConfig(_Model):
 class LendingCoreConfig(_Model):
     webhook_url: str
     webhook_secret: SecretStr
+    # outcome webhooks on their way at once (per gateway process)
+    max_in_flight: int = Field(default=64, gt=0, le=1024)
 
 
 class Client(_Model):

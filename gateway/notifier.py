@@ -43,7 +43,8 @@ class Notifier(_Loop):
     name = "notifier"
 
     def __init__(self, svc: Services) -> None:
-        super().__init__(svc, capacity=16)
+        lc = svc.cfg.lending_core
+        super().__init__(svc, capacity=16 if lc is None else lc.max_in_flight)
         # delivered rows, deleted with the next claim (one statement for all delivered since,
         # instead of one each); still leased meanwhile, so nobody sends them again unless this
         # process dies first, which at-least-once delivery allows

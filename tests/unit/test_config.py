@@ -260,3 +260,11 @@ def test_the_outbound_http_transport_is_aiohttp_unless_configured(raw: Raw) -> N
     assert parse_config(raw, "test.toml").gateway.http_transport == "httpx"
     raw["gateway"]["http_transport"] = "curl"
     assert has(errors_of(raw), "gateway.http_transport")
+
+
+def test_webhooks_in_flight_default_to_64_and_must_be_positive(raw: Raw) -> None:
+    cfg = parse_config(raw, "test.toml")
+    assert cfg.lending_core is not None
+    assert cfg.lending_core.max_in_flight == 64
+    raw["lending_core"]["max_in_flight"] = 0
+    assert has(errors_of(raw), "lending_core.max_in_flight")
