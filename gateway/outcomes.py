@@ -272,10 +272,18 @@ async def fail_over(
     )
     usage = await q.usage(conn, day)
     prefund = await q.prefund_balances(conn)
-    order, _ = candidates(
-        svc.cfg.funders, loan, funder_states(svc, usage, prefund), exclude=frozenset(tried)
-    )
-    for f in order:
+    # funders whose circuit is closed first, as intake routes; then those whose circuit is
+    # open: their payout waits for the cool-down, which beats failing the disbursement
+    circuits = await svc.circuits(conn)
+    closed, _ = candidates(
+        svc.cfg.funders, loan, funder_states(svc, usage, prefund, circuits),
+        exclude=frozenset(tried),
+    )  # fmt: skip
+    rest, _ = candidates(
+        svc.cfg.funders, loan, funder_states(svc, usage, prefund),
+        exclude=frozenset(tried) | {f.id for f in closed},
+    )  # fmt: skip
+    for f in [*closed, *rest]:
         alloc = allocate(d["amount"], f.platform_share)
         bucket = await limits.reserve_funder(
             conn, svc, f, day, limits.pick_bucket(svc), d["amount"], alloc.platform

@@ -14,8 +14,10 @@ from tests.fakes import ACCEPT, NOT_SENT, SUCCEED, reject, unknown
 from tests.integration.conftest import (
     AMOUNT,
     Harness,
+    LendingCore,
     StartGateway,
     eventually,
+    make_config,
 )
 
 pytestmark = pytest.mark.integration
@@ -84,6 +86,47 @@ async def test_pre_execution_rejection_fails_over_to_the_next_funder_and_moves_t
     assert h.banks["bank-a"].executions == {}
     assert h.banks["bank-b"].executions == {a2["order_no"]: 1}
     assert "disbursement.rerouted" in kinds(await h.vouchers("T-FAILOVER"))
+
+
+async def _open_circuit(h: Harness, funder_id: str) -> None:
+    async with h.pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO funder_circuits (funder_id, state, failures, opened_at, open_until)"
+            " VALUES ($1, 'open', 5, now(), now() + interval '1 hour')",
+            funder_id,
+        )
+
+
+@pytest.mark.asyncio
+async def test_fail_over_prefers_a_funder_whose_circuit_is_closed(
+    start_gateway: StartGateway, lending_core: LendingCore
+) -> None:
+    base = make_config(lending_core.url)
+    bank_c = base.funders[0].model_copy(update={"id": "bank-c", "priority": 3})
+    cfg = base.model_copy(update={"funders": [*base.funders, bank_c]})
+    h = await _started(start_gateway, cfg=cfg)
+    await _open_circuit(h, "bank-b")  # next in priority, but its bank keeps failing
+    h.banks["bank-a"].script(reject(pre_execution=True))
+    h.banks["bank-c"].script(SUCCEED)
+    await h.accepted("T-CIRCUIT")
+
+    d = await h.wait_status("T-CIRCUIT", "succeeded")
+    assert [a["funder_id"] for a in d["attempts"]] == ["bank-a", "bank-c"]
+    assert h.banks["bank-b"].calls == []
+
+
+@pytest.mark.asyncio
+async def test_fail_over_to_an_open_circuit_rather_than_failing_the_disbursement(
+    start_gateway: StartGateway,
+) -> None:
+    h = await _started(start_gateway)
+    await _open_circuit(h, "bank-b")  # the only funder left: its payout waits, it is not lost
+    h.banks["bank-a"].script(reject(pre_execution=True))
+    h.banks["bank-b"].script(SUCCEED)
+    await h.accepted("T-LAST-RESORT")
+
+    d = await h.wait_status("T-LAST-RESORT", "succeeded")
+    assert [a["funder_id"] for a in d["attempts"]] == ["bank-a", "bank-b"]
 
 
 @pytest.mark.asyncio
