@@ -17,7 +17,9 @@ Starts embedded PostgreSQL (durable, as in production) unless a URL is given, th
                distinct txn_no, whitelisted payees, limits far away; with several gateways the
                load generator's clients are spread over all of them
 
-and prints a table with the ratios fundgate / pgbench and fundgate / floor, the CPU per
+then, unless --no-half-load, the same gateways open loop at half the rate just measured
+(one submission every 2/R s on schedule, latency counted from the scheduled time), and prints
+a table with the ratios fundgate / pgbench and fundgate / floor, the CPU per
 accepted disbursement of the gateways and of PostgreSQL, the cores each process group used in
 the measured window (of the machine's 2; `other` is whatever else ran on the machine), and
 PostgreSQL's client backends by wait event (average number of backends sampled 10×/s).
@@ -162,12 +164,14 @@ def measure_baselines(args: argparse.Namespace, db: Database, procs: Procs) -> B
 
 def loadgen_args(
     args: argparse.Namespace, ports: list[int], mode: str, *, prefix: str,
-    hints: list[str] | None = None,
+    hints: list[str] | None = None, rate: float | None = None,
 ) -> list[str]:  # fmt: skip
     out = ["--mode", mode, "--concurrency", str(args.concurrency),
            "--duration", str(args.duration), "--warmup", str(args.warmup),
            "--borrowers", str(args.borrowers),
            "--prefix", f"{prefix}{int(time.time())}"]  # fmt: skip
+    if rate:
+        out += ["--rate", f"{rate:.1f}"]
     for p in ports:
         out += ["--url", f"http://127.0.0.1:{p}"]
     for h in hints or []:
@@ -203,10 +207,15 @@ class Gateways:
         return {"gateways": lambda: cpu_seconds(pids), "postgres": self.db.cpu}
 
     def measure(
-        self, args: argparse.Namespace, prefix: str, hints: list[str] | None = None
+        self,
+        args: argparse.Namespace,
+        prefix: str,
+        hints: list[str] | None = None,
+        rate: float | None = None,
     ) -> Measured:
+        """Closed loop (`--concurrency` clients back to back), or open loop at `rate`."""
         return loadgen(
-            loadgen_args(args, self.ports, "intake", prefix=prefix, hints=hints),
+            loadgen_args(args, self.ports, "intake", prefix=prefix, hints=hints, rate=rate),
             groups=self.groups(),
             database_url=self.db.url,
         )
@@ -246,6 +255,10 @@ def print_baselines(args: argparse.Namespace, b: Baselines) -> None:
 def single(args: argparse.Namespace, gws: Gateways, b: Baselines | None) -> None:
     gws.start(args.gateways, args.borrowers)
     m = gws.measure(args, "I")
+    half = None
+    if not args.no_half_load:
+        # latency at half the best rate, open loop: one submission every 2/rate s on schedule
+        half = gws.measure(args, "L", rate=m.result["rps"] / 2)
     gws.stop()
     if b is not None:
         print_baselines(args, b)
@@ -253,6 +266,10 @@ def single(args: argparse.Namespace, gws: Gateways, b: Baselines | None) -> None
     print(HEADER.format(what="fundgate", extra=" statuses |", extra_sep="---|"))
     print(row(f"{args.gateways} gateway(s), {args.concurrency} clients", m,
               str(m.result["statuses"])))  # fmt: skip
+    if half is not None:
+        r = half.result
+        print(row(f"half load: {r['offered_rps']:,.0f}/s offered (open loop)", half,
+                  f"{r['statuses']}, {r['skipped']} not sent on schedule"))  # fmt: skip
     if b is not None:
         r = m.result["rps"]
         print(f"\nfundgate / pgbench = {r / max(b.pgbench, 1):.2f}; "
@@ -319,6 +336,8 @@ def main() -> None:
     p.add_argument("--database-url", default=os.environ.get("FUNDGATE_DATABASE_URL"))
     p.add_argument("--no-baselines", action="store_true",
                    help="fundgate only (quick before/after checks; no ratios)")  # fmt: skip
+    p.add_argument("--no-half-load", action="store_true",
+                   help="skip the latency phase at half the measured rate (open loop)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, db)")
     p.add_argument(
         "--buckets",

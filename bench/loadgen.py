@@ -9,7 +9,8 @@ whitelisted payees `BB0..BB{borrowers-1}`) to one or more gateways.
 Modes:
 
     intake  `--concurrency` clients, each posting the next disbursement as soon as the last
-            is answered (closed loop); client k talks to gateway k mod (number of --url)
+            is answered (closed loop); client k talks to gateway k mod (number of --url); or
+            open loop with `--rate R`, as below (over at most `--concurrency` connections)
     floor   the same load against bench/floor.py
     e2e     the load generator is also the lending core: it serves the outcome webhook on
             `--webhook-port` (signatures checked) and a disbursement is terminal when its
@@ -40,6 +41,7 @@ import itertools
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,7 +185,20 @@ class Run:
                 return
             await self.e2e_one(session, k, n, now)
 
-    async def open_loop(self, session: aiohttp.ClientSession) -> None:
+    async def intake_one(self, session: aiohttp.ClientSession, k: int, n: int, t0: float) -> None:
+        self.in_flight += 1
+        try:
+            await self.post(session, k, n, t0)
+        finally:
+            self.in_flight -= 1
+
+    async def open_loop(
+        self,
+        session: aiohttp.ClientSession,
+        one: Callable[[aiohttp.ClientSession, int, int, float], Coroutine[Any, Any, None]],
+    ) -> None:
+        """One submission every 1/rate s on schedule (latency from the scheduled time), at most
+        `--window` outstanding (beyond that the schedule is not kept: `skipped`)."""
         rate = self.args.rate
         tasks: set[asyncio.Task[None]] = set()
         i = 0
@@ -196,7 +211,7 @@ class Run:
                     if due >= self.measure_from:
                         self.skipped += 1  # overloaded: the schedule is not kept
                 else:
-                    task = asyncio.create_task(self.e2e_one(session, i % len(self.urls), i, due))
+                    task = asyncio.create_task(one(session, i % len(self.urls), i, due))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 i += 1
@@ -271,11 +286,13 @@ class Run:
         not_terminal = 0
         try:
             async with aiohttp.ClientSession(connector=conn) as session:
-                if a.mode != "e2e":
+                if a.mode != "e2e" and a.rate:
+                    await self.open_loop(session, self.intake_one)
+                elif a.mode != "e2e":
                     clients = [self.closed_client(k, session) for k in range(a.concurrency)]
                     await asyncio.gather(*clients)
                 elif a.rate:
-                    await self.open_loop(session)
+                    await self.open_loop(session, self.e2e_one)
                 else:
                     clients = [self.e2e_client(k, session) for k in range(a.concurrency)]
                     # clients wait for room in the window: bounded if the pipeline stalls
@@ -300,6 +317,8 @@ class Run:
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "window_unix": [self.measure_from + self.unix_offset, self.stop_at + self.unix_offset],
         }
+        if a.rate:
+            out |= {"offered_rps": a.rate, "skipped": self.skipped}
         if a.mode == "e2e":
             self.e2e.sort()
             out |= {
@@ -332,8 +351,9 @@ def main() -> None:
     e2e = p.add_argument_group("e2e")
     e2e.add_argument("--webhook-port", type=int, default=8799)
     e2e.add_argument("--webhook-secret", default="bench-webhook-secret")
-    e2e.add_argument("--window", type=int, default=2048, help="max accepted and not terminal")
-    e2e.add_argument("--rate", type=float, default=0.0, help="open loop: submissions per second")
+    p.add_argument("--rate", type=float, default=0.0, help="open loop: submissions per second")
+    e2e.add_argument("--window", type=int, default=2048,
+                     help="max accepted and not terminal (open loop: max outstanding)")  # fmt: skip
     e2e.add_argument("--drain", type=float, default=30, help="seconds to wait for outcomes")
     args = p.parse_args()
     emit(asyncio.run(Run(args).run()))
