@@ -100,22 +100,18 @@ async def prepare(
             if clear
             else ("", "")
         )
-        await conn.execute(
-            f"""
+        disbursements = f"""
             INSERT INTO disbursements (txn_no, request_hash, client, loan_id, borrower_id,
                 amount, currency, term_unit, term_count, apr, product, repayment,
                 {payee_cols} payee_bank_code, status, funder_id, mode,
                 alloc_funder, alloc_platform, business_day, created_at, updated_at)
-            SELECT 'T' || i, '\\x00', 'bench', 'L' || i, 'B' || i, 100000 + i % 1000, 'CNY',
+            SELECT $5 || i, '\\x00', 'bench', 'L' || i, 'B' || i, {{amount}}, 'CNY',
                    'month', 12, 0.18, 'consumer-standard', 'equal_installment',
-                   {payee_vals} 'ICBC', 'succeeded', $2, 'direct',
-                   100000 + i % 1000, 0, $3, $4, $4
+                   {payee_vals} 'ICBC', 'succeeded', $2, 'direct', {{amount}}, 0, $3, $4, $4
               FROM generate_series(1, $1) AS i
-            """,
-            n,
-            FUNDER,
-            DAY,
-            start,
+            """
+        await conn.execute(
+            disbursements.format(amount="100000 + i % 1000"), n, FUNDER, DAY, start, "T"
         )
         await conn.execute(
             """
@@ -131,20 +127,12 @@ async def prepare(
         for back in range(1, history_days + 1):
             when = start - timedelta(days=back)
             await conn.execute(
-                f"""
-                INSERT INTO disbursements (txn_no, request_hash, client, loan_id, borrower_id,
-                    amount, currency, term_unit, term_count, apr, product, repayment,
-                    {payee_cols} payee_bank_code, status, funder_id, mode,
-                    alloc_funder, alloc_platform, business_day, created_at, updated_at)
-                SELECT 'H{back}-' || i, '\\x00', 'bench', 'L' || i, 'B' || i, 100000, 'CNY',
-                       'month', 12, 0.18, 'consumer-standard', 'equal_installment',
-                       {payee_vals} 'ICBC', 'succeeded', $2, 'direct', 100000, 0, $3, $4, $4
-                  FROM generate_series(1, $1) AS i
-                """,
+                disbursements.format(amount="100000"),
                 n,
                 FUNDER,
                 DAY - timedelta(days=back),
                 when,
+                f"H{back}-",
             )
             await conn.execute(
                 """
