@@ -61,9 +61,10 @@ async def release_funder(
 
 
 def releases(a: asyncpg.Record) -> list[tuple[str, int, int]]:
-    """What `release` gives back, as (scope, bucket, amount) in lock order (the platform's
-    first), for a transition written in one statement (migration 0013); the platform's share
-    goes back to the prefund too (`a["alloc_platform"]`)."""
+    """The usage an attempt holds, as (scope, bucket, amount) in lock order (the platform's
+    first): what `release` gives back, and what a transition written in one statement
+    (migration 0013) is handed; the platform's share goes back to the prefund too
+    (`a["alloc_platform"]`)."""
     amount = a["amount"]
     return [
         (q.PLATFORM_SCOPE, a["platform_bucket"], amount),
@@ -74,9 +75,9 @@ def releases(a: asyncpg.Record) -> list[tuple[str, int, int]]:
 async def release(conn: q.Conn, a: asyncpg.Record) -> None:
     """Give back everything an attempt (a `queries.lock_attempt` row) holds: the platform's
     usage, then the funder's and its prefund, each in the bucket it was reserved in."""
-    day, amount = a["business_day"], a["amount"]
-    await release_platform(conn, day, a["platform_bucket"], amount)
-    await release_funder(conn, a["funder_id"], day, a["limit_bucket"], amount, a["alloc_platform"])
+    for scope, bucket, amount in releases(a):
+        await q.release(conn, scope, a["business_day"], bucket, amount)
+    await q.return_prefund(conn, a["funder_id"], a["alloc_platform"])
 
 
 async def record(
