@@ -684,19 +684,12 @@ async def save_breaks(conn: Conn, run_id: int, funder_id: str, day: date) -> Non
     resolution; an open break the run no longer finds is removed (it was never acted on)."""
     cols = ", ".join(BREAK_COLUMNS)
     values = cols.replace("evidence", "evidence::jsonb")
-    updates = ", ".join(
-        f"{c} = EXCLUDED.{c}" for c in BREAK_COLUMNS if c not in ("order_no", "type", "status")
-    )
+    insert = f"""INSERT INTO recon_breaks AS r (run_id, funder_id, business_day, {cols})
+                 SELECT $1, $2, $3, {values} FROM recon_new_breaks"""
     if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM recon_breaks WHERE run_id = $1)",
                                run_id):  # fmt: skip
         # the day's first run (the run lock keeps others out): a plain insert, no conflicts
-        await conn.execute(
-            f"""INSERT INTO recon_breaks (run_id, funder_id, business_day, {cols})
-                SELECT $1, $2, $3, {values} FROM recon_new_breaks""",
-            run_id,
-            funder_id,
-            day,
-        )
+        await conn.execute(insert, run_id, funder_id, day)
         return
     # first what an earlier run of the day found and this one does not, then the upsert,
     # which never touches those
@@ -710,10 +703,12 @@ async def save_breaks(conn: Conn, run_id: int, funder_id: str, day: date) -> Non
         """,
         run_id,
     )
+    updates = ", ".join(
+        f"{c} = EXCLUDED.{c}" for c in BREAK_COLUMNS if c not in ("order_no", "type", "status")
+    )
     await conn.execute(
         f"""
-        INSERT INTO recon_breaks AS r (run_id, funder_id, business_day, {cols})
-        SELECT $1, $2, $3, {values} FROM recon_new_breaks
+        {insert}
         ON CONFLICT (run_id, order_no, type) DO UPDATE
            SET {updates}, updated_at = now(),
                status = CASE WHEN r.status IN ('open', 'auto_pending') THEN EXCLUDED.status
