@@ -4,6 +4,7 @@ most once (the FakeBank ledger is the oracle)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -89,12 +90,9 @@ async def test_pre_execution_rejection_fails_over_to_the_next_funder_and_moves_t
 
 
 async def _open_circuit(h: Harness, funder_id: str) -> None:
+    """As another process publishes an open circuit (`dispatcher.note_circuit`)."""
     async with h.pool.acquire() as conn:
-        await conn.execute(
-            "INSERT INTO funder_circuits (funder_id, state, failures, opened_at, open_until)"
-            " VALUES ($1, 'open', 5, now(), now() + interval '1 hour')",
-            funder_id,
-        )
+        await q.save_circuit(conn, funder_id, "open", 5, datetime.now(UTC) + timedelta(hours=1))
 
 
 @pytest.mark.asyncio
