@@ -9,8 +9,8 @@ never duplicates a break. A run happens in three steps:
    its raw bytes, checked in SQL; anything else through its parser; a bad file raises
    `StatementError` and the transaction rolls back: nothing is half-applied, the run is
    marked failed with the reason and its line, and can be re-run once the file is fixed),
-   record what the statement listed, refuse duplicated lines, match it in one SQL statement
-   (plain matches only counted), classify the rest (`reconciliation.classify`), sweep the
+   record what the statement listed, refuse duplicated lines, match the recorded orders in
+   SQL (plain matches only counted), classify the rest (`reconciliation.classify`), sweep the
    pending pool, write the breaks; then, in a short transaction of its own, drop the
    funder's partitions of `recon_seen` that no later run looks back on;
 2. each automatic resolution in its own short transaction with the attempt locked, so

@@ -2,11 +2,11 @@
 connection; the caller owns the transaction.
 
 A run streams its statement into a temporary table with COPY, records the orders it lists
-(its own partition of `recon_seen`), and does the matching where the data lives, in one
-statement: each order the statement lists (its line, or the lines of the few orders on
-several, aggregated) joined against the funder's attempts and earlier statements; the common
-case (one line, same amount, same final status) is only counted, and the rest is kept
-(`recon_odd`) and read back to be classified one by one.
+(its own partition of `recon_seen`, one row per order), and does the matching where the data
+lives: each order recorded there joined against the funder's attempts and earlier
+statements; the common case (one line, same amount, same final status) is only counted, and
+the rest is kept with what its lines say (`recon_odd`) and read back to be classified one by
+one.
 
 Order numbers in the run's temporary tables and in `recon_seen` compare bytewise (`COLLATE
 "C"`, migration 0012): a million of them are sorted and indexed per run, and a locale-aware
@@ -277,29 +277,19 @@ async def duplicate_line(conn: Conn) -> tuple[int, int] | None:
     return None if row is None else (row["first"], row["repeat"])
 
 
-# What the statement says per order: an order on one line is that line; the orders on several
-# (`recon_multi`) are aggregated. The same columns either way.
-_BANK = """(
-    SELECT order_no, 1 AS lines,
-           (status = 'succeeded')::int AS succeeded,
-           (status = 'failed')::int    AS failed,
-           (status = 'reversed')::int  AS reversed,
-           amount AS amount_min, amount AS amount_max, line_no, bank_ref,
-           CASE status WHEN 'succeeded' THEN amount WHEN 'reversed' THEN -amount
-                       ELSE 0 END AS net_paid
-      FROM recon_stage s
-     WHERE NOT EXISTS (SELECT 1 FROM recon_multi m WHERE m.order_no = s.order_no)
-    UNION ALL
+# What the statement says of each order the match kept, from its lines (`recon_joined` holds
+# a few orders in a hundred; the orders on several lines are aggregated with them).
+_LINES = """(
     SELECT order_no,
-           count(*)::int,
-           (count(*) FILTER (WHERE status = 'succeeded'))::int,
-           (count(*) FILTER (WHERE status = 'failed'))::int,
-           (count(*) FILTER (WHERE status = 'reversed'))::int,
-           min(amount), max(amount), min(line_no), min(bank_ref),
+           (count(*) FILTER (WHERE status = 'succeeded'))::int AS succeeded,
+           (count(*) FILTER (WHERE status = 'failed'))::int AS failed,
+           (count(*) FILTER (WHERE status = 'reversed'))::int AS reversed,
+           min(amount) AS amount_min, max(amount) AS amount_max, min(line_no) AS line_no,
+           min(bank_ref) AS bank_ref,
            sum(CASE status WHEN 'succeeded' THEN amount WHEN 'reversed' THEN -amount
-                           ELSE 0 END)::bigint
-      FROM recon_stage s
-     WHERE s.order_no IN (SELECT order_no FROM recon_multi)
+                           ELSE 0 END)::bigint AS net_paid
+      FROM recon_stage
+     WHERE order_no IN (SELECT order_no FROM recon_joined)
      GROUP BY order_no)"""
 
 
@@ -326,11 +316,13 @@ async def match(
     run_id: int,
     zone: str,
 ) -> Totals:
-    """Match the staged statement (after `record_seen` and `find_multi`) in one statement:
-    each order joined with our attempt and what earlier statements of the last days listed;
-    only the orders that are not plain matches are kept (`recon_odd`, in statement order), to
-    be classified one by one. A plain match is one line, never listed before, not already
-    resolved by this day's run, same amount and final status
+    """Match the statement (after `record_seen`): each order it lists, as recorded in the
+    day's partition of `recon_seen` (one row per order: its lines, net paid count and amount),
+    joined with our attempt and what earlier statements of the last days listed; only the
+    orders that are not plain matches are kept (`recon_joined`), then given what their lines
+    say (statuses, amounts, first line, bank reference: `_LINES`) and numbered in statement
+    order (`recon_odd`), to be classified one by one. A plain match is one line, never listed
+    before, not already resolved by this day's run, same amount and final status
     (`reconciliation.classify.is_plain_match`) of an order of this business day: it changes
     nothing but counts, so the joined rows of nearly every order are counted, not written. The
     counts are the statement's own totals less what the odd orders hold.
@@ -350,47 +342,67 @@ async def match(
     reading the business day is derived from, so its creation inside `bounds` (the day in the
     business time zone) is the disbursement's business day. Anything else (a fail-over's
     attempt, an order of another day) is odd and classified with the disbursement's own
-    amount and day (`odd_rows`), with the same verdict."""
+    amount and day (`odd_rows`), with the same verdict.
+
+    The million-row join reads no temporary table (the run's own are invisible to parallel
+    workers), so PostgreSQL (16 and later) can hash and join it in parallel."""
+    # the join's filter keeps a few orders in a hundred, which the planner cannot know: it
+    # prices a million rows through a parallel plan's Gather and stays serial, at half speed
+    await conn.execute("SET LOCAL parallel_tuple_cost = 0")
     await conn.execute(
-        f"""
-        CREATE TEMP TABLE recon_odd ON COMMIT DROP AS
+        """
+        CREATE TEMP TABLE recon_joined ON COMMIT DROP AS
         WITH earlier AS (
             SELECT s.order_no, sum(s.paid)::int AS paid
               FROM recon_seen s
              WHERE s.funder_id = $1 AND s.business_day >= $3 AND s.business_day < $2
-               AND s.order_no IN (SELECT order_no FROM recon_stage)
+               AND s.order_no IN (SELECT order_no FROM recon_seen
+                                   WHERE funder_id = $1 AND business_day = $2)
              GROUP BY s.order_no),
         auto AS (
             SELECT order_no, min(type) AS type FROM recon_breaks
-             WHERE run_id = $4 AND status = 'auto_resolved' GROUP BY order_no),
-        joined AS (
-            SELECT b.*, e.paid AS earlier_paid, au.type AS auto_type, a.id AS a_id,
-                   a.order_no AS a_order_no, a.status AS a_status, a.created_at AS a_created_at,
-                   a.disbursement_id AS a_disbursement_id
-              FROM {_BANK} b
-              LEFT JOIN earlier e ON e.order_no = b.order_no
-              LEFT JOIN auto au ON au.order_no = b.order_no COLLATE "default"
-              FULL JOIN (SELECT id, order_no, status, n, created_at, alloc_funder,
-                                alloc_platform, disbursement_id
-                           FROM attempts WHERE funder_id = $1 AND created_at >= $8) a
-                     ON a.order_no = b.order_no COLLATE "default"
-             WHERE CASE WHEN b.order_no IS NULL  -- not listed: the day's own, not failed
-                        THEN a.created_at >= $6 AND a.created_at < $7 AND a.status <> 'failed'
-                        ELSE NOT coalesce(
-                   a.id IS NOT NULL AND b.lines = 1 AND e.order_no IS NULL AND au.type IS NULL
-                   AND a.n = 1 AND a.created_at >= $6 AND a.created_at < $7
-                   AND b.amount_min = a.alloc_funder + a.alloc_platform
-                   AND ((b.succeeded = 1 AND a.status = 'succeeded')
-                        OR (b.failed = 1 AND a.status = 'failed')), false) END)
-        SELECT row_number() OVER (ORDER BY j.line_no) AS i,
-               j.order_no, j.lines, j.succeeded, j.failed, j.reversed, j.amount_min,
-               j.amount_max, j.line_no, j.bank_ref, j.net_paid, j.earlier_paid, j.auto_type,
+             WHERE run_id = $4 AND status = 'auto_resolved' GROUP BY order_no)
+        SELECT b.order_no, b.lines, e.paid AS earlier_paid, au.type AS auto_type,
+               a.id AS a_id, a.order_no AS a_order_no, a.status AS a_status,
+               a.created_at AS a_created_at, a.disbursement_id AS a_disbursement_id
+          FROM (SELECT order_no, lines, paid, amount FROM recon_seen
+                 WHERE funder_id = $1 AND business_day = $2) b
+          LEFT JOIN earlier e ON e.order_no = b.order_no
+          LEFT JOIN auto au ON au.order_no = b.order_no COLLATE "default"
+          FULL JOIN (SELECT id, order_no, status, n, created_at, alloc_funder,
+                            alloc_platform, disbursement_id
+                       FROM attempts WHERE funder_id = $1 AND created_at >= $7) a
+                 ON a.order_no = b.order_no COLLATE "default"
+         WHERE CASE WHEN b.order_no IS NULL  -- not listed: the day's own, not failed
+                    THEN a.created_at >= $5 AND a.created_at < $6 AND a.status <> 'failed'
+                    ELSE NOT coalesce(  -- one line: paid 1 is succeeded, 0 failed
+               a.id IS NOT NULL AND b.lines = 1 AND e.order_no IS NULL AND au.type IS NULL
+               AND a.n = 1 AND a.created_at >= $5 AND a.created_at < $6
+               AND b.amount = a.alloc_funder + a.alloc_platform
+               AND ((b.paid = 1 AND a.status = 'succeeded')
+                    OR (b.paid = 0 AND a.status = 'failed')), false) END
+        """,
+        funder_id,
+        day,
+        earlier_from,
+        run_id,
+        *bounds,
+        sent_from,
+    )
+    await conn.execute("SET LOCAL parallel_tuple_cost TO DEFAULT")
+    await conn.execute(
+        f"""
+        CREATE TEMP TABLE recon_odd ON COMMIT DROP AS
+        SELECT row_number() OVER (ORDER BY d.line_no) AS i,
+               j.order_no, j.lines, d.succeeded, d.failed, d.reversed, d.amount_min,
+               d.amount_max, d.line_no, d.bank_ref, d.net_paid, j.earlier_paid, j.auto_type,
                coalesce(j.a_id, o.id) AS attempt_id,
                coalesce(j.a_order_no, o.order_no) AS our_order_no,
                coalesce(j.a_status, o.status) AS our_status,
                coalesce(j.a_disbursement_id, o.disbursement_id) AS disbursement_id,
-               (coalesce(j.a_created_at, o.created_at) AT TIME ZONE $5)::date AS our_day
-          FROM joined j
+               (coalesce(j.a_created_at, o.created_at) AT TIME ZONE $2)::date AS our_day
+          FROM recon_joined j
+          LEFT JOIN {_LINES} d ON d.order_no = j.order_no
           LEFT JOIN LATERAL (  -- only for a listed order with no attempt since `sent_from`
               SELECT id, order_no, status, created_at, disbursement_id FROM attempts
                WHERE j.a_id IS NULL AND j.order_no IS NOT NULL
@@ -398,12 +410,7 @@ async def match(
               OFFSET 0) o ON true
         """,
         funder_id,
-        day,
-        earlier_from,
-        run_id,
         zone,
-        *bounds,
-        sent_from,
     )
     await conn.execute("CREATE INDEX ON recon_odd (i)")  # `odd_rows` reads it a page at a time
     row = await conn.fetchrow(
@@ -412,20 +419,23 @@ async def match(
             SELECT count(*) AS lines, coalesce(sum(amount), 0) AS amount,
                    coalesce(sum(CASE status WHEN 'succeeded' THEN amount
                                             WHEN 'reversed' THEN -amount ELSE 0 END), 0)
-                       AS paid,
-                   coalesce(sum(amount) FILTER (WHERE m.order_no IS NOT NULL), 0) AS multi,
-                   count(*) FILTER (WHERE m.order_no IS NOT NULL) AS multi_lines
-              FROM recon_stage s LEFT JOIN recon_multi m USING (order_no)),
+                       AS paid
+              FROM recon_stage),
+        seen AS (
+            SELECT count(*) AS orders,
+                   coalesce(sum(amount) FILTER (WHERE lines = 1), 0) AS single
+              FROM recon_seen WHERE funder_id = $1 AND business_day = $2),
         odd AS (
             SELECT count(*) AS n,
                    coalesce(sum(amount_min) FILTER (WHERE lines = 1), 0) AS single
               FROM recon_odd WHERE line_no IS NOT NULL)
         SELECT stage.lines::bigint, stage.amount::bigint, stage.paid::bigint,
-               (stage.lines - stage.multi_lines + (SELECT count(*) FROM recon_multi)
-                - odd.n)::bigint AS matched,
-               (stage.amount - stage.multi - odd.single)::bigint AS matched_amount
-          FROM stage, odd
-        """
+               (seen.orders - odd.n)::bigint AS matched,
+               (seen.single - odd.single)::bigint AS matched_amount
+          FROM stage, seen, odd
+        """,
+        funder_id,
+        day,
     )
     assert row is not None
     return Totals(
