@@ -512,7 +512,9 @@ async def record_seen(conn: Conn, funder_id: str, day: date) -> None:
         """SELECT quote_ident(p) AS name, to_regclass(quote_ident(p)) IS NOT NULL AS exists,
                   format('ALTER TABLE recon_seen ATTACH PARTITION %I'
                          ' FOR VALUES FROM (%L, %L) TO (%L, %L)', p, $1::text, $2::date,
-                         $1::text, $2::date + 1) AS attach
+                         $1::text, $2::date + 1) AS attach,
+                  format('CHECK (funder_id = %L AND business_day = %L)', $1::text, $2::date)
+                      AS bounds
              FROM recon_seen_partition($1, $2) AS p""",
         funder_id,
         day,
@@ -524,10 +526,13 @@ async def record_seen(conn: Conn, funder_id: str, day: date) -> None:
         await conn.execute(f"INSERT INTO {table} {_SEEN_COLUMNS} {_SEEN_ROWS}", funder_id, day)
         return
     await conn.execute(f"CREATE TABLE {table} AS {_SEEN_ROWS}", funder_id, day)
-    # the parent's constraints, in one pass over the table (attaching requires them)
+    # the parent's constraints, in one pass over the table (attaching requires them), and
+    # one that implies the partition's bounds, checked in the same pass: attaching then
+    # trusts it instead of scanning the table again
     await conn.execute(
         f"""ALTER TABLE {table} ALTER lines SET NOT NULL, ALTER paid SET NOT NULL,
-                ALTER amount SET NOT NULL, ADD PRIMARY KEY (funder_id, business_day, order_no)"""
+                ALTER amount SET NOT NULL, ADD {row["bounds"]},
+                ADD PRIMARY KEY (funder_id, business_day, order_no)"""
     )
     await conn.execute(row["attach"])  # the key above becomes the partition's part of the parent's
 
