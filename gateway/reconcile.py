@@ -270,18 +270,25 @@ def _day_bounds(svc: Services, day: date) -> tuple[datetime, datetime]:
     return start, datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=zone)
 
 
-def _evidence(day: date, r: Any) -> dict[str, Any]:
-    return {
-        "statement_day": day.isoformat(),
+def _evidence(day: str, r: Any) -> tuple[dict[str, Any], Bank]:
+    """What the statement says of an odd order (`rq.odd_rows`): the evidence its break keeps
+    (`day`, the statement day in ISO form) and the same as the classifier's `Bank`."""
+    low, high, earlier = r["amount_min"], r["amount_max"], r["earlier_paid"]
+    amounts = [low] if low == high else [low, high]
+    evidence = {
+        "statement_day": day,
         "line_no": r["line_no"],
         "bank_ref": r["bank_ref"],
         "succeeded": r["succeeded"],
         "failed": r["failed"],
         "reversed": r["reversed"],
-        "amounts": sorted({r["amount_min"], r["amount_max"]}),
-        "earlier_paid": r["earlier_paid"] or 0,
-        "earlier_seen": r["earlier_paid"] is not None,
+        "amounts": amounts,
+        "earlier_paid": earlier or 0,
+        "earlier_seen": earlier is not None,
     }
+    bank = Bank(r["succeeded"], r["failed"], r["reversed"], tuple(amounts), earlier or 0,
+                earlier is not None)  # fmt: skip
+    return evidence, bank
 
 
 def _bank_of(e: dict[str, Any]) -> Bank:
@@ -363,6 +370,7 @@ async def _classify(
     lap("match")
 
     await rq.create_new_breaks(conn)
+    iso_day = day.isoformat()
     after = 0
     while True:
         rows = await rq.odd_rows(conn, after, ODD_PAGE)
@@ -373,8 +381,7 @@ async def _classify(
         for r in rows:
             if r["ledger_day"] is not None and r["ledger_day"] != day:
                 summary.ledger.other_days += r["net_paid"]  # paid for another day's order
-            evidence = _evidence(day, r)
-            bank = _bank_of(evidence)
+            evidence, bank = _evidence(iso_day, r)
             ours = None
             if r["attempt_id"] is not None:
                 ours = Ours(r["our_status"], r["our_amount"], r["our_day"])
