@@ -203,9 +203,13 @@ async def run_fundgate(url: str, statement: Path) -> dict[str, Any]:
     from config.loader import DEFAULT_CONFIG, load_config
     from config.models import StatementConfig
     from gateway.context import Services
+    from gateway.logging import configure_logging
     from gateway.metrics import Metrics
     from gateway.reconcile import reconcile_day
     from gateway.store import db
+
+    # as `fundgate reconcile` does, at the level the driver sets for its children
+    configure_logging("json", os.environ.get("FUNDGATE_LOG_LEVEL", "info"))
 
     base = load_config(DEFAULT_CONFIG)
     funders = [
