@@ -9,8 +9,8 @@ never duplicates a break. A run happens in three steps:
    its raw bytes, checked in SQL; anything else through its parser; a bad file raises
    `StatementError` and the transaction rolls back: nothing is half-applied, the run is
    marked failed with the reason and its line, and can be re-run once the file is fixed),
-   record what the statement listed, refuse duplicated lines, match the recorded orders in
-   SQL (plain matches only counted), classify the rest (`reconciliation.classify`), sweep the
+   record what the statement listed, match the recorded orders in SQL (plain matches only
+   counted), refuse duplicated lines, classify the rest (`reconciliation.classify`), sweep the
    pending pool, write the breaks; then, in a short transaction of its own, drop the
    funder's partitions of `recon_seen` that no later run looks back on;
 2. each automatic resolution in its own short transaction with the attempt locked, so
@@ -353,11 +353,6 @@ async def _classify(
     lap("stage")
     await rq.record_seen(conn, funder.id, day)
     lap("seen")
-    await rq.find_multi(conn, funder.id, day)
-    dup = await rq.duplicate_line(conn)
-    lap("duplicates")
-    if dup is not None:
-        raise StatementError(f"duplicate line: repeats line {dup[0]}", dup[1])
     zone = svc.cfg.gateway.timezone
     start, end = _day_bounds(svc, day)
     sent_from = start - timedelta(days=HASHED_DAYS_BEFORE)
@@ -368,6 +363,10 @@ async def _classify(
     summary.matched.add(totals.matched_amount, totals.matched)
     summary.ledger.statement_paid = totals.paid
     lap("match")
+    dup = await rq.duplicate_line(conn)
+    lap("duplicates")
+    if dup is not None:  # the transaction rolls back: nothing the match wrote stays
+        raise StatementError(f"duplicate line: repeats line {dup[0]}", dup[1])
 
     await rq.create_new_breaks(conn)
     iso_day = day.isoformat()

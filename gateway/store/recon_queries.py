@@ -247,30 +247,20 @@ async def tune_run(conn: Conn) -> None:
     await conn.execute("SET LOCAL synchronous_commit = off")
 
 
-async def find_multi(conn: Conn, funder_id: str, day: date) -> None:
-    """The orders listed on more than one line (`recon_multi`), read from what `record_seen`
-    recorded of this statement: few, and the only ones that need aggregating; every other
-    order is its one line as it is."""
-    await conn.execute(
-        """CREATE TEMP TABLE recon_multi ON COMMIT DROP AS
-           SELECT order_no, lines FROM recon_seen
-            WHERE funder_id = $1 AND business_day = $2 AND lines > 1""",
-        funder_id,
-        day,
-    )
-    await conn.execute("ANALYZE recon_multi")
-
-
 async def duplicate_line(conn: Conn) -> tuple[int, int] | None:
-    """(first, repeat) line numbers of the first line that repeats another exactly. Only
-    orders listed more than once can hold one (after `find_multi`)."""
+    """(first, repeat) line numbers of the first line that repeats another exactly, after
+    `match`: only an order on several lines can hold one, every such order is among the odd
+    ones, and `recon_odd` flags those whose lines repeat (`repeats`); their lines are read
+    again only when there is one."""
     row = await conn.fetchrow(
         """
         SELECT lines[1] AS first, lines[2] AS repeat FROM (
             SELECT array_agg(s.line_no ORDER BY s.line_no) AS lines
-              FROM recon_stage s JOIN recon_multi m ON m.order_no = s.order_no
+              FROM recon_stage s
+             WHERE s.order_no IN (SELECT order_no FROM recon_odd WHERE repeats)
              GROUP BY s.order_no, s.bank_ref, s.amount, s.status, s.booked_at
             HAVING count(*) > 1) d
+         WHERE EXISTS (SELECT 1 FROM recon_odd WHERE repeats)
          ORDER BY lines[2] LIMIT 1
         """
     )
@@ -287,7 +277,8 @@ _LINES = """(
            min(amount) AS amount_min, max(amount) AS amount_max, min(line_no) AS line_no,
            min(bank_ref) AS bank_ref,
            sum(CASE status WHEN 'succeeded' THEN amount WHEN 'reversed' THEN -amount
-                           ELSE 0 END)::bigint AS net_paid
+                           ELSE 0 END)::bigint AS net_paid,
+           count(DISTINCT (bank_ref, amount, status, booked_at)) < count(*) AS repeats
       FROM recon_stage
      WHERE order_no IN (SELECT order_no FROM recon_joined)
      GROUP BY order_no)"""
@@ -395,7 +386,8 @@ async def match(
         CREATE TEMP TABLE recon_odd ON COMMIT DROP AS
         SELECT row_number() OVER (ORDER BY d.line_no) AS i,
                j.order_no, j.lines, d.succeeded, d.failed, d.reversed, d.amount_min,
-               d.amount_max, d.line_no, d.bank_ref, d.net_paid, j.earlier_paid, j.auto_type,
+               d.amount_max, d.line_no, d.bank_ref, d.net_paid, d.repeats, j.earlier_paid,
+               j.auto_type,
                coalesce(j.a_id, o.id) AS attempt_id,
                coalesce(j.a_order_no, o.order_no) AS our_order_no,
                coalesce(j.a_status, o.status) AS our_status,
@@ -497,8 +489,7 @@ _SEEN_COLUMNS = "(funder_id, business_day, order_no, lines, paid, amount)"
 async def record_seen(conn: Conn, funder_id: str, day: date) -> None:
     """What this statement listed, one row per order, as the (funder, day) partition of
     `recon_seen` (migration 0012), replacing an earlier run of the same day. Written right
-    after staging: the rest of the run reads it (the orders on several lines, the pending
-    pool).
+    after staging: the rest of the run reads it (the match, the pending pool).
 
     A first run of the day creates a table of its own from the grouped lines in key order
     (`CREATE TABLE AS` writes in bulk; one sort serves the grouping, the load and the key),

@@ -769,6 +769,11 @@ _U = b"U1,R2,1000000,FAILED,2026-03-10T18:00:00Z\n"
         (_HEAD, False),
         (b"", False),
         (_HEAD + _OK + _OK, True),  # a repeated line: refused in SQL either way
+        # an order on several lines that differ is no repeated line; empty fields compare
+        # equal when the rest repeats
+        (_HEAD + _OK + _OK.replace(b"SUCCESS", b"REVERSED"), True),
+        (_HEAD + _OK + b"ST,,5,REVERSED,\nST,,5,FAILED,\n", True),
+        (_HEAD + _OK + b"ST,,5,REVERSED,\nST,,5,REVERSED,\n", True),
     ],
 )
 async def test_a_sandbox_file_reads_the_same_on_the_fast_path_and_through_the_parser(
@@ -809,6 +814,30 @@ async def test_a_sandbox_file_reads_the_same_on_the_fast_path_and_through_the_pa
     assert (got.status, got.error) == (want.status, want.error)
     assert got.summary.to_json() == want.summary.to_json()
     assert seen == seen_parser
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (_HEAD + _OK + _OK, "line 3: duplicate line: repeats line 2"),
+        (
+            _HEAD + b"ST,,5,REVERSED,\n" + _OK + b"ST,,5,REVERSED,\n",
+            "line 4: duplicate line: repeats line 2",
+        ),
+        (_HEAD + _OK + b"ST,,5,REVERSED,\nST,,5,FAILED,\n", None),
+        (_HEAD + _OK + _OK.replace(b"SUCCESS", b"REVERSED"), None),
+    ],
+)
+async def test_a_repeated_line_fails_the_run_and_an_order_on_several_lines_does_not(
+    world: World, tmp_path: Path, body: bytes, error: str | None
+) -> None:
+    w = with_window(world, 0, path=str(tmp_path / "{funder}-{day}.csv"))
+    await w.record("OK", "succeeded")
+    (tmp_path / f"bank-a-{D}.csv").write_bytes(body)
+
+    result = await reconcile_day(w.svc, "bank-a", D)
+
+    assert (result.status, result.error) == ("failed" if error else "succeeded", error)
 
 
 @pytest.mark.parametrize(
