@@ -523,7 +523,7 @@ async def record_seen(conn: Conn, funder_id: str, day: date) -> None:
     await conn.execute(
         f"""ALTER TABLE {table} ALTER lines SET NOT NULL, ALTER paid SET NOT NULL,
                 ALTER amount SET NOT NULL, ADD {row["bounds"]},
-                ADD PRIMARY KEY (funder_id, business_day, order_no)"""
+                ADD PRIMARY KEY (order_no, funder_id, business_day)"""
     )
     await conn.execute(row["attach"])  # the key above becomes the partition's part of the parent's
 
