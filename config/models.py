@@ -53,9 +53,9 @@ class GatewayConfig(_Model):
     db_acquire_timeout_seconds: float = Field(default=2.0, gt=0)
     # rows each daily limit is spread over, so concurrent intakes do not queue on one row
     limit_buckets: int = Field(default=32, ge=1, le=256)
-    # what carries the outbound HTTP of connectors and webhooks under the shared
-    # httpx.AsyncClient: "aiohttp" (connectors/transport.py, much less CPU per request) or
-    # "httpx" (httpcore, httpx's own)
+    # what carries the connectors' outbound HTTP under the shared httpx.AsyncClient:
+    # "aiohttp" (connectors/transport.py, much less CPU per request) or "httpx" (httpcore,
+    # httpx's own); webhooks go out on aiohttp directly (gateway.notifier)
     http_transport: Literal["aiohttp", "httpx"] = "aiohttp"
 
     @field_validator("timezone")

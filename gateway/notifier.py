@@ -3,6 +3,12 @@
 A short burst of in-process retries (tenacity) rides out a blip; after that the row waits in
 the outbox with a growing delay, so nothing is lost across restarts. Delivery is at least
 once: the lending core deduplicates by `txn_no` + `status`.
+
+Webhooks go out on an `aiohttp.ClientSession` of the notifier's own (opened with the first
+webhook, closed by `drain`), not through the httpx client the bank connectors share: a
+webhook is one small signed POST whose only question is "2xx or not", and httpx's request
+building and response handling cost a gateway as much CPU per webhook as the rest of its
+delivery. Bank calls keep httpx (`connectors.http`), where the failure taxonomy matters.
 """
 
 from __future__ import annotations
@@ -12,8 +18,8 @@ import hmac
 import time
 from typing import Any
 
+import aiohttp
 import asyncpg
-import httpx
 import orjson
 import structlog
 from tenacity import (
@@ -28,6 +34,14 @@ from gateway.dispatcher import _Loop
 from gateway.store import queries as q
 
 log = structlog.get_logger("fundgate.notifier")
+
+# a webhook answered within this long, its connection made within CONNECT_SECONDS
+TIMEOUT_SECONDS = 10.0
+CONNECT_SECONDS = 3.0
+# idle keep-alive connections to the lending core are closed after this long
+KEEPALIVE_SECONDS = 5.0
+# what a blip looks like: no connection, a dropped one, no answer in time
+TRANSIENT = (aiohttp.ClientError, TimeoutError)
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -49,6 +63,19 @@ class Notifier(_Loop):
         # instead of one each); still leased meanwhile, so nobody sends them again unless this
         # process dies first, which at-least-once delivery allows
         self.delivered: set[int] = set()
+        self.session: aiohttp.ClientSession | None = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self.session is None or self.session.closed:
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self.capacity, keepalive_timeout=KEEPALIVE_SECONDS
+                ),
+                timeout=aiohttp.ClientTimeout(total=TIMEOUT_SECONDS, sock_connect=CONNECT_SECONDS),
+                auto_decompress=False,
+                trust_env=False,
+            )
+        return self.session
 
     async def claim(self, conn: q.Conn, n: int) -> list[asyncpg.Record]:
         await self._forget_delivered(conn)
@@ -64,6 +91,8 @@ class Notifier(_Loop):
 
     async def drain(self, timeout: float) -> None:
         await super().drain(timeout)
+        if self.session is not None:
+            await self.session.close()
         if self.delivered:
             try:
                 async with self.svc.pool.acquire(timeout=2) as conn:
@@ -79,18 +108,19 @@ class Notifier(_Loop):
         assert lc is not None
         body = orjson.dumps(payload)  # compact UTF-8, as json.dumps(ensure_ascii=False)
         ts = str(int(time.time()))
-        resp = await self.svc.http.post(
+        async with self._session().post(
             lc.webhook_url,
-            content=body,
+            data=body,
             headers={
                 "Content-Type": "application/json",
                 "X-Fundgate-Timestamp": ts,
                 "X-Fundgate-Signature": sign(lc.webhook_secret.get_secret_value(), ts, body),
             },
-            timeout=httpx.Timeout(10.0, connect=3.0),
-        )
-        if not 200 <= resp.status_code < 300:
-            raise WebhookRefused(f"lending core answered {resp.status_code}")
+            allow_redirects=False,
+        ) as resp:
+            await resp.read()  # the connection goes back to the pool whole
+            if not 200 <= resp.status < 300:
+                raise WebhookRefused(f"lending core answered {resp.status}")
 
     async def handle(self, row: asyncpg.Record) -> None:
         payload = row["payload"]
@@ -98,12 +128,12 @@ class Notifier(_Loop):
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(3),
                 wait=wait_exponential(multiplier=0.1, max=1),
-                retry=retry_if_exception_type((httpx.TransportError, WebhookRefused)),
+                retry=retry_if_exception_type((*TRANSIENT, WebhookRefused)),
                 reraise=True,
             ):
                 with attempt:
                     await self._post(payload)
-        except (httpx.HTTPError, WebhookRefused) as e:
+        except (*TRANSIENT, WebhookRefused) as e:
             steps = self.svc.cfg.dispatch.webhook_backoff_seconds
             delay = steps[min(row["tries"] - 1, len(steps) - 1)]
             async with self.svc.pool.acquire() as conn:

@@ -3,9 +3,11 @@ never sent for a state that is not terminal."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
+import socket
 import time
 
 import pytest
@@ -149,3 +151,36 @@ async def test_delivered_rows_are_deleted_together_by_the_next_claim_or_at_shutd
     await notifier.drain(1)
     assert await h.outbox("webhook") == []
     assert len(h.core.deliveries) == 3
+
+
+@pytest.mark.asyncio
+async def test_an_unreachable_lending_core_leaves_the_webhook_waiting_in_the_outbox(
+    start_gateway: StartGateway,
+) -> None:
+    h = await start_gateway(role="api")  # no notifier of its own: this test drives one
+    await h.register()
+    body = await h.accepted("T-WH-DOWN")
+    async with h.pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO outbox (kind, ref_id, payload) VALUES ('webhook', 0, $1)", body
+        )
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lc = h.svc.cfg.lending_core
+    assert lc is not None
+    down = lc.model_copy(update={"webhook_url": f"http://127.0.0.1:{port}/webhooks"})
+    notifier = Notifier(dataclasses.replace(h.svc, cfg=h.svc.cfg.model_copy(
+        update={"lending_core": down})))  # fmt: skip
+    async with h.pool.acquire() as conn:
+        [row] = await notifier.claim(conn, 1)
+
+    await notifier.handle(row)  # three quick tries, then back to the outbox for later
+    await notifier.drain(1)
+
+    [kept] = await h.outbox("webhook")
+    assert kept["id"] == row["id"]
+    assert kept["leased_until"] is None
+    assert kept["last_error"]
+    assert kept["available_at"] > kept["created_at"]  # later, after a back-off
+    assert h.core.deliveries == []
