@@ -159,11 +159,15 @@ _TIME = (
 async def create_raw(conn: Conn) -> None:
     """The data lines of a sandbox-CSV file as COPY reads them (the header skipped): `line_no`
     is the file's line (each row is one line: the caller lets no blank line, no quote and no
-    line end inside a field through), the amount already an integer, the time still text."""
+    line end inside a field through), the amount already an integer, the time still text.
+
+    The numbers come from the table's own sequence in blocks (`CACHE`): only this session
+    uses it, so they stay consecutive, and a million lines no longer take a million trips to
+    the sequence (a fifth of the COPY's time)."""
     await conn.execute(
         """
         CREATE TEMP TABLE recon_raw (
-            line_no     bigint GENERATED ALWAYS AS IDENTITY (START WITH 2),
+            line_no     bigint GENERATED ALWAYS AS IDENTITY (START WITH 2 CACHE 100000),
             order_no text COLLATE "C", bank_ref text COLLATE "C", amount bigint, status text,
             finished_at text
         ) ON COMMIT DROP

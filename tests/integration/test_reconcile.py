@@ -840,6 +840,34 @@ async def test_a_repeated_line_fails_the_run_and_an_order_on_several_lines_does_
     assert (result.status, result.error) == ("failed" if error else "succeeded", error)
 
 
+async def test_line_numbers_stay_exact_past_the_line_counters_first_block(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the fast path numbers lines from a sequence that hands them out 100,000 at a time
+    import gateway.reconcile as reconcile
+
+    taken: list[bool] = []
+    real = reconcile._copy_file_raw
+
+    async def spy(*args: Any) -> bool:
+        taken.append(await real(*args))
+        return taken[-1]
+
+    monkeypatch.setattr(reconcile, "_copy_file_raw", spy)
+    w = with_window(world, 0, path=str(tmp_path / "{funder}-{day}.csv"))
+    first = b"O1,R1,5,SUCCESS,2026-03-10T18:00:00+08:00\n"
+    lines = [first] + [b"O%d,R%d,5,SUCCESS,\n" % (i, i) for i in range(2, 100_003)]
+    (tmp_path / f"bank-a-{D}.csv").write_bytes(_HEAD + b"".join(lines) + first)
+
+    result = await reconcile_day(w.svc, "bank-a", D)
+
+    assert (result.status, result.error) == (
+        "failed",
+        "line 100004: duplicate line: repeats line 2",
+    )
+    assert taken == [True]  # read on the fast path
+
+
 @pytest.mark.parametrize(
     ("lines", "error"),
     [
