@@ -163,4 +163,8 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
         for t in [*tasks, listen]:
             t.cancel()
         await asyncio.gather(*tasks, listen, return_exceptions=True)
+        # the notifier's loop may have started webhooks while the loops drained (rows it
+        # claimed just before the stop), and one may have opened its session again: they get
+        # a moment, are handed back if they need longer, and the session is closed
+        await notifier.drain(1)
         log.info("workers.stopped")

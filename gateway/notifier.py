@@ -89,10 +89,15 @@ class Notifier(_Loop):
             await q.finish_outboxes(conn, ids)
             self.delivered.difference_update(ids)
 
+    async def close(self) -> None:
+        """Close the webhooks' HTTP session; a later webhook opens another."""
+        if self.session is not None:
+            session, self.session = self.session, None
+            await session.close()
+
     async def drain(self, timeout: float) -> None:
         await super().drain(timeout)
-        if self.session is not None:
-            await self.session.close()
+        await self.close()
         if self.delivered:
             try:
                 async with self.svc.pool.acquire(timeout=2) as conn:
