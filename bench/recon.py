@@ -2,6 +2,7 @@
 
     .venv/bin/pip install -e '.[bench]'
     .venv/bin/python bench/recon.py --lines 1000000 --lines 4000000
+    .venv/bin/python bench/recon.py --lines 1000000 --rounds 3   # alternating, fresh copies
 
 For each N: a fresh database gets N attempts of one funder on one day and a sandbox-CSV
 statement file of N lines with about 1 % of every break type (missing at the bank, missing at
@@ -390,6 +391,31 @@ def contender(mode: str, url: str, statement: Path, work: Path) -> dict[str, Any
     return result
 
 
+async def _copy_database(url: str, source: str, target: str) -> str:
+    """`target`, dropped if it exists and made anew as a copy of `source` on the same server
+    (`CREATE DATABASE … TEMPLATE`); the URL of `target`."""
+    import asyncpg
+
+    base = url.rpartition("/")[0]
+    conn = await asyncpg.connect(f"{base}/postgres")
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+        if source:
+            await conn.execute(f'CREATE DATABASE "{target}" TEMPLATE "{source}"')
+    finally:
+        await conn.close()
+    return f"{base}/{target}"
+
+
+def _check_breaks(ours: dict[str, Any], expected: dict[str, int]) -> None:
+    got = {**ours["breaks"]}
+    exp = {k: v for k, v in expected.items() if k != "auto_resolved"}
+    # a run counts the breaks it resolved itself among the breaks it found
+    exp["status_mismatch_bank_succeeded"] += expected["auto_resolved"]
+    if any(got[k] != v for k, v in exp.items()):
+        print(f"  fundgate breaks {got} != expected {exp}", file=sys.stderr)
+
+
 async def _reset_recon(url: str) -> None:
     import asyncpg
 
@@ -413,6 +439,14 @@ def main() -> int:
         default=0,
         help="also N settled attempts on each of that many earlier days (the funder's history)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the two contenders this many times, alternating, each on a fresh copy of the\n"
+        "prepared database (CREATE DATABASE ... TEMPLATE; the server must allow it): on a\n"
+        "shared machine the ratio within a round is the steadier figure",
+    )
     args = p.parse_args()
     if args.child:
         child(args.child, args.url, args.statement, args.work)
@@ -435,17 +469,31 @@ def main() -> int:
                 t = time.perf_counter()
                 expected = asyncio.run(prepare(url, n, statement, history_days=args.history_days))
                 print(f"N={n:,}: data ready in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-                ours = contender("fundgate", url, statement, work)
-                base = contender("pandas", url, statement, work)
-                asyncio.run(_reset_recon(url))
-                got = {**ours["breaks"]}
-                exp = {k: v for k, v in expected.items() if k != "auto_resolved"}
-                # a run counts the breaks it resolved itself among the breaks it found
-                exp["status_mismatch_bank_succeeded"] += expected["auto_resolved"]
-                if any(got[k] != v for k, v in exp.items()):
-                    print(f"  fundgate breaks {got} != expected {exp}", file=sys.stderr)
-                rows.append((n, ours, base, os.getloadavg()))
-                print(f"  fundgate {ours}\n  pandas   {base}", file=sys.stderr)
+                if args.rounds <= 1:
+                    ours = contender("fundgate", url, statement, work)
+                    base = contender("pandas", url, statement, work)
+                    asyncio.run(_reset_recon(url))
+                    _check_breaks(ours, expected)
+                    rows.append((n, 1, ours, base, os.getloadavg()))
+                    print(f"  fundgate {ours}\n  pandas   {base}", file=sys.stderr)
+                    continue
+                prepared = url.rpartition("/")[2]
+                template = asyncio.run(_copy_database(url, prepared, f"{prepared}_bench_template"))
+                try:
+                    for r in range(1, args.rounds + 1):
+                        fresh = asyncio.run(_copy_database(url, template.rpartition("/")[2],
+                                                           f"{prepared}_bench_round"))  # fmt: skip
+                        ours = contender("fundgate", fresh, statement, work)
+                        _check_breaks(ours, expected)
+                        fresh = asyncio.run(_copy_database(url, template.rpartition("/")[2],
+                                                           f"{prepared}_bench_round"))  # fmt: skip
+                        base = contender("pandas", fresh, statement, work)
+                        rows.append((n, r, ours, base, os.getloadavg()))
+                        print(f"  round {r}: fundgate {ours['seconds']:.2f} s, pandas "
+                              f"{base['seconds']:.2f} s", file=sys.stderr)  # fmt: skip
+                finally:
+                    for db in (f"{prepared}_bench_round", f"{prepared}_bench_template"):
+                        asyncio.run(_copy_database(url, "", db))
         finally:
             if pg is not None:
                 pg.stop()
@@ -453,27 +501,28 @@ def main() -> int:
     # "pandas + persist": the same pandas job also COPYing back what fundgate keeps (every
     # order listed, the breaks), the like-for-like yardstick, timed from the same start
     print(
-        "| N | statement lines | fundgate s | fundgate lines/s | fundgate peak MB "
-        "| pandas s | pandas lines/s | pandas peak MB | pandas + persist s | load (1, 5 min) |"
+        "| N | round | statement lines | fundgate s | fundgate lines/s | fundgate peak MB "
+        "| pandas s | pandas lines/s | pandas peak MB | pandas + persist s | fundgate / pandas "
+        "| load (1, 5 min) |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, ours, base, load in rows:
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, r, ours, base, load in rows:
         print(
-            f"| {n:,} | {ours['lines']:,} | {ours['seconds']:.1f} | "
+            f"| {n:,} | {r} | {ours['lines']:,} | {ours['seconds']:.1f} | "
             f"{ours['lines'] / ours['seconds']:,.0f} | {ours['peak_mb']:.0f} | "
             f"{base['seconds']:.1f} | {base['lines'] / base['seconds']:,.0f} | "
             f"{base['peak_mb']:.0f} | {base['persist_seconds']:.1f} | "
-            f"{load[0]:.1f}, {load[1]:.1f} |"
+            f"{ours['seconds'] / base['seconds']:.2f}× | {load[0]:.1f}, {load[1]:.1f} |"
         )
     # where fundgate's time goes (`recon.finished` phases): the first four are the work the
     # pandas baseline also does (read, join, classify); the rest is what it skips (persisting
     # what the statement listed, the pending pool and the breaks, resolving through the state
     # machine, the ledger comparison)
-    for n, ours, _, _ in rows:
+    for n, r, ours, _, _ in rows:
         phases = ours["phases"]
         alike = sum(phases.get(k, 0.0) for k in ("stage", "match", "duplicates", "classify"))
         listed = ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
-        print(f"\nN = {n:,}: {listed}; read + match + classify {alike:.1f} s")
+        print(f"\nN = {n:,}, round {r}: {listed}; read + match + classify {alike:.1f} s")
     return 0
 
 
