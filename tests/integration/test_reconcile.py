@@ -741,6 +741,21 @@ _OK = b"OK,R1,1000000,SUCCESS,2026-03-10T18:00:00+08:00\n"
 _U = b"U1,R2,1000000,FAILED,2026-03-10T18:00:00Z\n"
 
 
+def _spy_on_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each run took the fast path (`_copy_file_raw`), in order."""
+    import gateway.reconcile as reconcile
+
+    taken: list[bool] = []
+    real = reconcile._copy_file_raw
+
+    async def spy(*args: Any) -> bool:
+        taken.append(await real(*args))
+        return taken[-1]
+
+    monkeypatch.setattr(reconcile, "_copy_file_raw", spy)
+    return taken
+
+
 @pytest.mark.parametrize(
     ("body", "fast"),
     [
@@ -785,14 +800,7 @@ async def test_a_sandbox_file_reads_the_same_on_the_fast_path_and_through_the_pa
     await w.record("OK", "succeeded")
     await w.record("U1", "failed")
     (tmp_path / f"bank-a-{D}.csv").write_bytes(body)
-    taken: list[bool] = []
-    real = reconcile._copy_file_raw
-
-    async def spy(*args: Any) -> bool:
-        taken.append(await real(*args))
-        return taken[-1]
-
-    monkeypatch.setattr(reconcile, "_copy_file_raw", spy)
+    taken = _spy_on_the_fast_path(monkeypatch)
     got = await reconcile_day(w.svc, "bank-a", D, trigger="test")
     async with w.pool.acquire() as conn:
         seen = [tuple(r) for r in await conn.fetch("SELECT * FROM recon_seen ORDER BY order_no")]
@@ -844,16 +852,7 @@ async def test_line_numbers_stay_exact_past_the_line_counters_first_block(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the fast path numbers lines from a sequence that hands them out 100,000 at a time
-    import gateway.reconcile as reconcile
-
-    taken: list[bool] = []
-    real = reconcile._copy_file_raw
-
-    async def spy(*args: Any) -> bool:
-        taken.append(await real(*args))
-        return taken[-1]
-
-    monkeypatch.setattr(reconcile, "_copy_file_raw", spy)
+    taken = _spy_on_the_fast_path(monkeypatch)
     w = with_window(world, 0, path=str(tmp_path / "{funder}-{day}.csv"))
     first = b"O1,R1,5,SUCCESS,2026-03-10T18:00:00+08:00\n"
     lines = [first] + [b"O%d,R%d,5,SUCCESS,\n" % (i, i) for i in range(2, 100_003)]

@@ -31,6 +31,14 @@ async def _quiet(h: Harness, deliveries: int) -> bool:
     return len(h.core.deliveries) >= deliveries and await h.outbox("webhook") == []
 
 
+async def _queue_webhook(h: Harness, body: object) -> None:
+    """A webhook row in the outbox, as a terminal state leaves one."""
+    async with h.pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO outbox (kind, ref_id, payload) VALUES ('webhook', 0, $1)", body
+        )
+
+
 def _verified(d: Delivery) -> dict[str, object]:
     ts = d.headers["X-Fundgate-Timestamp"]
     expected = hmac.new(
@@ -132,11 +140,7 @@ async def test_delivered_rows_are_deleted_together_by_the_next_claim_or_at_shutd
     h = await start_gateway(role="api")  # no notifier of its own: this test drives one
     await h.register()
     for txn_no in ("T-WH-BATCH-1", "T-WH-BATCH-2", "T-WH-BATCH-3"):
-        body = await h.accepted(txn_no)
-        async with h.pool.acquire() as conn:
-            await conn.execute(
-                "INSERT INTO outbox (kind, ref_id, payload) VALUES ('webhook', 0, $1)", body
-            )
+        await _queue_webhook(h, await h.accepted(txn_no))
     notifier = Notifier(h.svc)
     async with h.pool.acquire() as conn:
         rows = await notifier.claim(conn, 2)
@@ -159,11 +163,7 @@ async def test_an_unreachable_lending_core_leaves_the_webhook_waiting_in_the_out
 ) -> None:
     h = await start_gateway(role="api")  # no notifier of its own: this test drives one
     await h.register()
-    body = await h.accepted("T-WH-DOWN")
-    async with h.pool.acquire() as conn:
-        await conn.execute(
-            "INSERT INTO outbox (kind, ref_id, payload) VALUES ('webhook', 0, $1)", body
-        )
+    await _queue_webhook(h, await h.accepted("T-WH-DOWN"))
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
