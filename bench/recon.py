@@ -391,17 +391,17 @@ def contender(mode: str, url: str, statement: Path, work: Path) -> dict[str, Any
     return result
 
 
-async def _copy_database(url: str, source: str, target: str) -> str:
-    """`target`, dropped if it exists and made anew as a copy of `source` on the same server
-    (`CREATE DATABASE … TEMPLATE`); the URL of `target`."""
+async def _fresh_database(url: str, target: str, template: str | None) -> str:
+    """`target` on the server of `url`, dropped if it exists and, given a `template`, made
+    anew as a copy of it (`CREATE DATABASE … TEMPLATE`); the URL of `target`."""
     import asyncpg
 
     base = url.rpartition("/")[0]
     conn = await asyncpg.connect(f"{base}/postgres")
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
-        if source:
-            await conn.execute(f'CREATE DATABASE "{target}" TEMPLATE "{source}"')
+        if template is not None:
+            await conn.execute(f'CREATE DATABASE "{target}" TEMPLATE "{template}"')
     finally:
         await conn.close()
     return f"{base}/{target}"
@@ -478,22 +478,21 @@ def main() -> int:
                     print(f"  fundgate {ours}\n  pandas   {base}", file=sys.stderr)
                     continue
                 prepared = url.rpartition("/")[2]
-                template = asyncio.run(_copy_database(url, prepared, f"{prepared}_bench_template"))
+                template, fresh_db = f"{prepared}_bench_template", f"{prepared}_bench_round"
+                asyncio.run(_fresh_database(url, template, prepared))
                 try:
                     for r in range(1, args.rounds + 1):
-                        fresh = asyncio.run(_copy_database(url, template.rpartition("/")[2],
-                                                           f"{prepared}_bench_round"))  # fmt: skip
+                        fresh = asyncio.run(_fresh_database(url, fresh_db, template))
                         ours = contender("fundgate", fresh, statement, work)
                         _check_breaks(ours, expected)
-                        fresh = asyncio.run(_copy_database(url, template.rpartition("/")[2],
-                                                           f"{prepared}_bench_round"))  # fmt: skip
+                        fresh = asyncio.run(_fresh_database(url, fresh_db, template))
                         base = contender("pandas", fresh, statement, work)
                         rows.append((n, r, ours, base, os.getloadavg()))
                         print(f"  round {r}: fundgate {ours['seconds']:.2f} s, pandas "
                               f"{base['seconds']:.2f} s", file=sys.stderr)  # fmt: skip
                 finally:
-                    for db in (f"{prepared}_bench_round", f"{prepared}_bench_template"):
-                        asyncio.run(_copy_database(url, "", db))
+                    for db in (fresh_db, template):
+                        asyncio.run(_fresh_database(url, db, None))
         finally:
             if pg is not None:
                 pg.stop()
