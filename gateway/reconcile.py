@@ -5,7 +5,8 @@ the state machine (`gateway.outcomes`), and let a person resolve the rest.
 One run per (funder, statement day), idempotent: re-running a day updates the same run and
 never duplicates a break. A run happens in three steps:
 
-1. one transaction: COPY the statement into a temporary table (a plain sandbox-CSV file as
+1. one transaction: COPY the statement into an unlogged table of the run's own, dropped
+   before the commit (`rq.drop_stage`; a plain sandbox-CSV file as
    its raw bytes, checked in SQL; anything else through its parser; a bad file raises
    `StatementError` and the transaction rolls back: nothing is half-applied, the run is
    marked failed with the reason and its line, and can be re-run once the file is fixed),
@@ -220,36 +221,42 @@ async def _chunks(handle: Any, progress: Progress | None) -> AsyncIterator[bytes
         raise _NotFast("no line end at the end")
 
 
-async def _copy_file_raw(conn: q.Conn, path: Path, progress: Progress | None) -> bool:
+async def _copy_file_raw(
+    conn: q.Conn, run_id: int, path: Path, progress: Progress | None
+) -> rq.StageTotals | None:
     """The fast path of a sandbox-CSV file: its bytes COPYed as they are into `recon_raw`
     (PostgreSQL parses the CSV and the amounts in C), checked in SQL (`rq.stage_raw`), and
-    seen as `recon_stage`. False, with nothing staged, when the file is anything but plain:
-    the Python parser then reads it, and accepts it or names the bad line and the reason."""
+    seen as `recon_stage`; its totals. None, with nothing staged, when the file is anything
+    but plain: the Python parser then reads it, and accepts it or names the bad line and the
+    reason."""
     try:
         handle = path.open("rb")
     except OSError:
-        return False  # the parser says why, with the path
+        return None  # the parser says why, with the path
     with handle:
         try:
             async with conn.transaction():  # a savepoint
-                await rq.create_raw(conn)
-                rows = await rq.copy_raw(conn, _chunks(handle, progress))
-                if rows == 0 or not await rq.stage_raw(conn):
+                await rq.create_raw(conn, run_id)
+                rows = await rq.copy_raw(conn, run_id, _chunks(handle, progress))
+                totals = await rq.stage_raw(conn, run_id) if rows else None
+                if totals is None:
                     raise _NotFast("lines")
         except (_NotFast, asyncpg.DataError) as e:
             log.info("recon.fast_path_declined", path=str(path), reason=str(e) or repr(e))
-            return False
-    return True
+            return None
+    return totals
 
 
 async def _records(
-    lines: AsyncIterator[tuple[int, StatementLine]], counter: list[int], progress: Progress | None
+    lines: AsyncIterator[tuple[int, StatementLine]],
+    totals: rq.StageTotals,
+    progress: Progress | None,
 ) -> AsyncIterator[tuple[Any, ...]]:
     async for line_no, line in lines:
         check_line(line_no, line)
-        counter[0] += 1
-        if progress is not None and counter[0] % PROGRESS_EVERY == 0:
-            progress(counter[0])
+        totals.add(line.amount, line.status)
+        if progress is not None and totals.lines % PROGRESS_EVERY == 0:
+            progress(totals.lines)
         # an order number the bank left out gets a key of its own, so such lines do not
         # collapse into one "order" listed many times
         order_no = line.order_no or f"(none: line {line_no})"
@@ -326,6 +333,45 @@ def _break_row(
     )  # fmt: skip
 
 
+def _classify_page(rows: list[Any], day: date, summary: Summary) -> list[tuple[Any, ...]]:
+    """One page of the odd orders (`rq.odd_rows`) classified and counted into `summary`; the
+    rows of its breaks (`BREAK_COLUMNS` order)."""
+    iso_day = day.isoformat()
+    batch = []
+    for r in rows:
+        if r["ledger_day"] is not None and r["ledger_day"] != day:
+            summary.ledger.other_days += r["net_paid"]  # paid for another day's order
+        evidence, bank = _evidence(iso_day, r)
+        ours = None
+        if r["attempt_id"] is not None:
+            ours = Ours(r["our_status"], r["our_amount"], r["our_day"])
+        d = classify(ours, bank)
+        if d.verdict is Verdict.MATCHED and r["auto_type"] is not None:
+            # resolved by an earlier run of this day: still counted as what it was
+            summary.breaks[r["auto_type"]].add(r["our_amount"])
+            summary.auto_resolved[r["auto_type"]].add(r["our_amount"])
+            continue
+        summary.count(d, bank.amount if ours is None else r["our_amount"])
+        if d.is_break:
+            batch.append(
+                _break_row(
+                    d,
+                    r["order_no"],
+                    attempt_id=r["attempt_id"],
+                    txn_no=r["txn_no"],
+                    our_status=r["our_status"],
+                    our_amount=r["our_amount"],
+                    bank_status=bank.status,
+                    bank_amount=bank.amount,
+                    bank_ref=r["bank_ref"],
+                    bank_lines=r["lines"],
+                    line_no=r["line_no"],
+                    evidence=evidence,
+                )
+            )
+    return batch
+
+
 async def _classify(
     conn: q.Conn,
     svc: Services,
@@ -343,13 +389,17 @@ async def _classify(
     summary = Summary()
 
     path = statement_path(funder, day)
-    fast = path is not None and funder.statement.format == "sandbox-csv"
-    if not (fast and path is not None and await _copy_file_raw(conn, path, progress)):
-        await rq.create_stage(conn)
-        counter = [0]
-        await rq.copy_stage(conn, _records(statement_lines(svc, funder, day), counter, progress))
+    staged = None
+    if path is not None and funder.statement.format == "sandbox-csv":
+        staged = await _copy_file_raw(conn, run_id, path, progress)
+    if staged is None:
+        staged = rq.StageTotals()
+        await rq.create_stage(conn, run_id)
+        await rq.copy_stage(
+            conn, run_id, _records(statement_lines(svc, funder, day), staged, progress)
+        )
         if progress is not None:
-            progress(counter[0])
+            progress(staged.lines)
     lap("stage")
     await rq.record_seen(conn, funder.id, day)
     lap("seen")
@@ -357,7 +407,7 @@ async def _classify(
     start, end = _day_bounds(svc, day)
     sent_from = start - timedelta(days=HASHED_DAYS_BEFORE)
     totals = await rq.match(
-        conn, funder.id, day, (start, end), sent_from, earlier_from, run_id, zone
+        conn, funder.id, day, (start, end), sent_from, earlier_from, run_id, zone, staged
     )
     summary.lines, summary.amount = totals.lines, totals.amount
     summary.matched.add(totals.matched_amount, totals.matched)
@@ -369,45 +419,16 @@ async def _classify(
         raise StatementError(f"duplicate line: repeats line {dup[0]}", dup[1])
 
     await rq.create_new_breaks(conn)
-    iso_day = day.isoformat()
-    after = 0
-    while True:
-        rows = await rq.odd_rows(conn, after, ODD_PAGE)
-        if not rows:
-            break
-        after = rows[-1]["i"]
-        batch = []
-        for r in rows:
-            if r["ledger_day"] is not None and r["ledger_day"] != day:
-                summary.ledger.other_days += r["net_paid"]  # paid for another day's order
-            evidence, bank = _evidence(iso_day, r)
-            ours = None
-            if r["attempt_id"] is not None:
-                ours = Ours(r["our_status"], r["our_amount"], r["our_day"])
-            d = classify(ours, bank)
-            if d.verdict is Verdict.MATCHED and r["auto_type"] is not None:
-                # resolved by an earlier run of this day: still counted as what it was
-                summary.breaks[r["auto_type"]].add(r["our_amount"])
-                summary.auto_resolved[r["auto_type"]].add(r["our_amount"])
-                continue
-            summary.count(d, bank.amount if ours is None else r["our_amount"])
-            if d.is_break:
-                batch.append(
-                    _break_row(
-                        d,
-                        r["order_no"],
-                        attempt_id=r["attempt_id"],
-                        txn_no=r["txn_no"],
-                        our_status=r["our_status"],
-                        our_amount=r["our_amount"],
-                        bank_status=bank.status,
-                        bank_amount=bank.amount,
-                        bank_ref=r["bank_ref"],
-                        bank_lines=r["lines"],
-                        line_no=r["line_no"],
-                        evidence=evidence,
-                    )
-                )
+    # a page is classified while PostgreSQL reads the next: the read is sent first and its
+    # answer awaited after, so the two halves of the work overlap on the two sides
+    rows = await rq.odd_rows(conn, 0, ODD_PAGE)
+    while rows:
+        following = asyncio.ensure_future(rq.odd_rows(conn, rows[-1]["i"], ODD_PAGE))
+        await asyncio.sleep(0)  # the read goes out before the classification holds the loop
+        try:
+            batch = _classify_page(rows, day, summary)
+        finally:  # the connection is free again only once the read has answered
+            rows = await following
         if batch:
             await rq.copy_new_breaks(conn, batch)
 
@@ -459,7 +480,7 @@ async def _classify(
         await rq.copy_new_breaks(conn, batch)
     lap("absent")
     await rq.save_breaks(conn, run_id, funder.id, day)
-    await rq.drop_stage(conn)
+    await rq.drop_stage(conn, run_id)
     lap("breaks")
     return summary
 

@@ -1,14 +1,15 @@
 """Every query of the nightly reconciliation (`gateway.reconcile`). Functions take a
 connection; the caller owns the transaction.
 
-A run streams its statement into a temporary table with COPY, records the orders it lists
+A run streams its statement into a table of its own with COPY (unlogged, dropped before the
+run commits: `drop_stage`), records the orders it lists
 (its own partition of `recon_seen`, one row per order), and does the matching where the data
 lives: each order recorded there joined against the funder's attempts and earlier
 statements; the common case (one line, same amount, same final status) is only counted, and
 the rest is kept with what its lines say (`recon_odd`) and read back to be classified one by
 one.
 
-Order numbers in the run's temporary tables and in `recon_seen` compare bytewise (`COLLATE
+Order numbers in the run's own tables and in `recon_seen` compare bytewise (`COLLATE
 "C"`, migration 0012): a million of them are sorted and indexed per run, and a locale-aware
 comparison sorts them half as fast for the same answer (equality is the same under every
 deterministic collation). Where such a column meets one of the default collation
@@ -123,26 +124,68 @@ async def first_attempt_at(conn: Conn, funder_id: str) -> datetime | None:
 # ---------------------------------------------------------------- staging and matching
 
 
-async def create_stage(conn: Conn) -> None:
+@dataclass(slots=True)
+class StageTotals:
+    """The staged statement's lines, their amount, and its net paid total (succeeded minus
+    reversed lines), counted as it is staged."""
+
+    lines: int = 0
+    amount: int = 0
+    paid: int = 0
+
+    def add(self, amount: int, status: str) -> None:
+        self.lines += 1
+        self.amount += amount
+        if status == "succeeded":
+            self.paid += amount
+        elif status == "reversed":
+            self.paid -= amount
+
+
+# The staged statement is a plain table of the run's own, UNLOGGED, created inside the run's
+# transaction and dropped before it commits (`drop_stage`): no other session ever sees it, a
+# rollback takes it back with the rest, and, unlike a temporary table, it lives in shared
+# buffers, where PostgreSQL's parallel workers can read it (the grouping into `recon_seen`,
+# the checks and totals over a million lines use both cores) and a million lines are not
+# evicted through the session's small local buffers; being unlogged, its lines write no WAL.
+# `recon_stage` is a temporary view over it under one name, whichever path staged it.
+
+
+def _lines_table(run_id: int) -> str:
+    return f"recon_lines_{run_id}"
+
+
+def _raw_table(run_id: int) -> str:
+    return f"recon_raw_{run_id}"
+
+
+def _joined_table(run_id: int) -> str:
+    return f"recon_joined_{run_id}"
+
+
+async def create_stage(conn: Conn, run_id: int) -> None:
+    table = _lines_table(run_id)
     await conn.execute(
-        """
-        CREATE TEMP TABLE recon_stage (
+        f"""
+        CREATE UNLOGGED TABLE {table} (
             line_no   bigint NOT NULL,
             order_no  text COLLATE "C" NOT NULL,
             bank_ref  text COLLATE "C",
             amount    bigint NOT NULL,
             status    text   NOT NULL,
             booked_at timestamptz
-        ) ON COMMIT DROP
+        ) WITH (autovacuum_enabled = off)
         """
     )
+    await conn.execute(f"CREATE TEMP VIEW recon_stage AS SELECT * FROM {table}")
 
 
-async def copy_stage(conn: Conn, records: AsyncIterable[tuple[Any, ...]]) -> None:
-    await conn.copy_records_to_table("recon_stage", records=records, columns=STAGE_COLUMNS)
-    # statistics before the joins: without them a temporary table looks like a few hundred
-    # orders, and a million index look-ups into `attempts` replace one hash join
-    await conn.execute("ANALYZE recon_stage")
+async def copy_stage(conn: Conn, run_id: int, records: AsyncIterable[tuple[Any, ...]]) -> None:
+    table = _lines_table(run_id)
+    await conn.copy_records_to_table(table, records=records, columns=STAGE_COLUMNS)
+    # statistics before the joins: without them a new table looks like a few hundred orders,
+    # and a million index look-ups into `attempts` replace one hash join
+    await conn.execute(f"ANALYZE {table}")
 
 
 # ---- the fast path of a sandbox-CSV file: its bytes COPYed as they are, checked in SQL
@@ -156,7 +199,7 @@ _TIME = (
 )
 
 
-async def create_raw(conn: Conn) -> None:
+async def create_raw(conn: Conn, run_id: int) -> None:
     """The data lines of a sandbox-CSV file as COPY reads them (the header skipped): `line_no`
     is the file's line (each row is one line: the caller lets no blank line, no quote and no
     line end inside a field through), the amount already an integer, the time still text.
@@ -165,50 +208,58 @@ async def create_raw(conn: Conn) -> None:
     uses it, so they stay consecutive, and a million lines no longer take a million trips to
     the sequence (a fifth of the COPY's time)."""
     await conn.execute(
-        """
-        CREATE TEMP TABLE recon_raw (
+        f"""
+        CREATE UNLOGGED TABLE {_raw_table(run_id)} (
             line_no     bigint GENERATED ALWAYS AS IDENTITY (START WITH 2 CACHE 100000),
             order_no text COLLATE "C", bank_ref text COLLATE "C", amount bigint, status text,
             finished_at text
-        ) ON COMMIT DROP
+        ) WITH (autovacuum_enabled = off)
         """
     )
 
 
-async def copy_raw(conn: Conn, source: AsyncIterable[bytes]) -> int:
-    """The file's bytes into `recon_raw`; PostgreSQL parses the CSV and the amounts (a line
-    with another field count, or an amount that is no integer, raises). Returns the rows."""
+async def copy_raw(conn: Conn, run_id: int, source: AsyncIterable[bytes]) -> int:
+    """The file's bytes into the run's raw table (`create_raw`); PostgreSQL parses the CSV and
+    the amounts (a line with another field count, or an amount that is no integer, raises).
+    Returns the rows."""
     status = await conn.copy_to_table(
-        "recon_raw", source=source, columns=RAW_COLUMNS, format="csv", header=True
+        _raw_table(run_id), source=source, columns=RAW_COLUMNS, format="csv", header=True
     )
     return int(status.split()[-1])
 
 
-async def stage_raw(conn: Conn) -> bool:
-    """Check `recon_raw` in one pass (every field there, a known status word, no negative
+async def stage_raw(conn: Conn, run_id: int) -> StageTotals | None:
+    """Check the raw table in one pass (every field there, a known status word, no negative
     amount; the distinct times in the exact ISO shape and real instants) and make it the
-    `recon_stage` of the run: a view mapping the status words. False when a line is not in
-    the fast path's shape. A time that is no real instant raises `asyncpg.DataError`. The
-    lines are grouped by their time as they are checked, so each distinct time is then
-    checked once (`OFFSET 0` keeps that check above the grouping): a day's statement has far
-    fewer distinct times than lines."""
-    odd = await conn.fetchval(
+    `recon_stage` of the run: a view mapping the status words; its totals, counted in the
+    same pass. None when a line is not in the fast path's shape. A time that is no real
+    instant raises `asyncpg.DataError`. The lines are grouped by their time as they are
+    checked, so each distinct time is then checked once (`OFFSET 0` keeps that check above the
+    grouping): a day's statement has far fewer distinct times than lines."""
+    raw = _raw_table(run_id)
+    row = await conn.fetchrow(
         f"""
-        SELECT EXISTS (
-            SELECT 1 FROM (SELECT finished_at,
-                                  bool_or(order_no IS NULL OR amount IS NULL OR amount < 0
-                                          OR status IS NULL
-                                          OR status NOT IN ('SUCCESS', 'FAILED', 'REVERSED'))
-                                      AS bad
-                             FROM recon_raw GROUP BY finished_at OFFSET 0) t
-             WHERE bad
-                OR (finished_at IS NOT NULL
-                    AND (finished_at !~ '{_TIME}' OR finished_at::timestamptz IS NULL)))
+        SELECT coalesce(bool_or(bad OR (finished_at IS NOT NULL
+                                        AND (finished_at !~ '{_TIME}'
+                                             OR finished_at::timestamptz IS NULL))), false)
+                   AS odd,
+               coalesce(sum(lines), 0)::bigint AS lines,
+               coalesce(sum(amount), 0)::bigint AS amount,
+               coalesce(sum(paid), 0)::bigint AS paid
+          FROM (SELECT finished_at,
+                       bool_or(order_no IS NULL OR amount IS NULL OR amount < 0
+                               OR status IS NULL
+                               OR status NOT IN ('SUCCESS', 'FAILED', 'REVERSED')) AS bad,
+                       count(*) AS lines, sum(amount) AS amount,
+                       sum(CASE status WHEN 'SUCCESS' THEN amount WHEN 'REVERSED' THEN -amount
+                                       ELSE 0 END) AS paid
+                  FROM {raw} GROUP BY finished_at OFFSET 0) t
         """
     )
-    if odd:
-        return False
-    await conn.execute("ANALYZE recon_raw")  # as `copy_stage`: the joins need its shape
+    assert row is not None
+    if row["odd"]:
+        return None
+    await conn.execute(f"ANALYZE {raw}")  # as `copy_stage`: the joins need its shape
     await conn.execute(
         f"""
         CREATE TEMP VIEW recon_stage ({", ".join(STAGE_COLUMNS)}) AS
@@ -216,20 +267,19 @@ async def stage_raw(conn: Conn) -> bool:
                CASE status WHEN 'SUCCESS' THEN 'succeeded' WHEN 'FAILED' THEN 'failed'
                            ELSE 'reversed' END,
                finished_at::timestamptz
-          FROM recon_raw
+          FROM {raw}
         """
     )
-    return True
+    return StageTotals(int(row["lines"]), int(row["amount"]), int(row["paid"]))
 
 
-async def drop_stage(conn: Conn) -> None:
-    """The staged statement, a table or the fast path's view, before the run commits (a view
-    outlives the transaction otherwise)."""
-    kind = await conn.fetchval(
-        "SELECT relkind::text FROM pg_class WHERE oid = to_regclass('pg_temp.recon_stage')"
-    )
-    if kind == "v":
-        await conn.execute("DROP VIEW recon_stage")
+async def drop_stage(conn: Conn, run_id: int) -> None:
+    """The staged statement (`recon_stage` and the table under it) and the match's table,
+    before the run commits: a temporary view outlives the transaction, and the tables are the
+    run's alone."""
+    await conn.execute("DROP VIEW IF EXISTS pg_temp.recon_stage")
+    tables = (_raw_table(run_id), _lines_table(run_id), _joined_table(run_id))
+    await conn.execute(f"DROP TABLE IF EXISTS {', '.join(tables)}")
 
 
 # the run's transaction: its hash aggregate and joins over a million orders spill to disk at
@@ -249,6 +299,7 @@ async def tune_run(conn: Conn) -> None:
     transactions (`gateway.outcomes`) keep the server's setting."""
     await conn.execute(f"SET LOCAL work_mem = '{RUN_WORK_MEM}'")
     await conn.execute("SET LOCAL synchronous_commit = off")
+    await conn.execute("SET LOCAL parallel_tuple_cost = 0")
 
 
 async def duplicate_line(conn: Conn) -> tuple[int, int] | None:
@@ -284,13 +335,13 @@ _LINES = """(
                            ELSE 0 END)::bigint AS net_paid,
            count(DISTINCT (bank_ref, amount, status, booked_at)) < count(*) AS repeats
       FROM recon_stage
-     WHERE order_no IN (SELECT order_no FROM recon_joined)
+     WHERE order_no IN (SELECT order_no FROM {joined})
      GROUP BY order_no)"""
 
 
 @dataclass(frozen=True, slots=True)
 class Totals:
-    """What `match` counted in SQL: the statement's lines and amount, the plain matches, and
+    """What `match` counted: the statement's lines and amount, the plain matches, and
     its net paid total (succeeded minus reversed lines). The part of that total for orders of
     another business day is the odd orders' (`odd_rows`' `ledger_day`)."""
 
@@ -310,6 +361,7 @@ async def match(
     earlier_from: date,
     run_id: int,
     zone: str,
+    stage: StageTotals,
 ) -> Totals:
     """Match the statement (after `record_seen`): each order it lists, as recorded in the
     day's partition of `recon_seen` (one row per order: its lines, net paid count and amount),
@@ -320,7 +372,8 @@ async def match(
     before, not already resolved by this day's run, same amount and final status
     (`reconciliation.classify.is_plain_match`) of an order of this business day: it changes
     nothing but counts, so the joined rows of nearly every order are counted, not written. The
-    counts are the statement's own totals less what the odd orders hold.
+    counts are the statement's own totals (`stage`, counted as it was staged) less what the
+    odd orders hold.
 
     The join hashes only the funder's attempts sent from `sent_from` on (the days a statement
     lists nearly every order from), not the funder's whole history; an order the statement
@@ -341,12 +394,10 @@ async def match(
 
     The million-row join reads no temporary table (the run's own are invisible to parallel
     workers), so PostgreSQL (16 and later) can hash and join it in parallel."""
-    # the join's filter keeps a few orders in a hundred, which the planner cannot know: it
-    # prices a million rows through a parallel plan's Gather and stays serial, at half speed
-    await conn.execute("SET LOCAL parallel_tuple_cost = 0")
+    joined = _joined_table(run_id)  # a table of the run's own, as its stage: read in parallel
     await conn.execute(
-        """
-        CREATE TEMP TABLE recon_joined ON COMMIT DROP AS
+        f"""
+        CREATE UNLOGGED TABLE {joined} WITH (autovacuum_enabled = off) AS
         WITH earlier AS (
             SELECT s.order_no, sum(s.paid)::int AS paid
               FROM recon_seen s
@@ -384,7 +435,6 @@ async def match(
         *bounds,
         sent_from,
     )
-    await conn.execute("SET LOCAL parallel_tuple_cost TO DEFAULT")
     await conn.execute(
         f"""
         CREATE TEMP TABLE recon_odd ON COMMIT DROP AS
@@ -397,8 +447,8 @@ async def match(
                coalesce(j.a_status, o.status) AS our_status,
                coalesce(j.a_disbursement_id, o.disbursement_id) AS disbursement_id,
                (coalesce(j.a_created_at, o.created_at) AT TIME ZONE $2)::date AS our_day
-          FROM recon_joined j
-          LEFT JOIN {_LINES} d ON d.order_no = j.order_no
+          FROM {joined} j
+          LEFT JOIN {_LINES.format(joined=joined)} d ON d.order_no = j.order_no
           LEFT JOIN LATERAL (  -- only for a listed order with no attempt since `sent_from`
               SELECT id, order_no, status, created_at, disbursement_id FROM attempts
                WHERE j.a_id IS NULL AND j.order_no IS NOT NULL
@@ -411,13 +461,7 @@ async def match(
     await conn.execute("CREATE INDEX ON recon_odd (i)")  # `odd_rows` reads it a page at a time
     row = await conn.fetchrow(
         """
-        WITH stage AS (
-            SELECT count(*) AS lines, coalesce(sum(amount), 0) AS amount,
-                   coalesce(sum(CASE status WHEN 'succeeded' THEN amount
-                                            WHEN 'reversed' THEN -amount ELSE 0 END), 0)
-                       AS paid
-              FROM recon_stage),
-        seen AS (
+        WITH seen AS (
             SELECT count(*) AS orders,
                    coalesce(sum(amount) FILTER (WHERE lines = 1), 0) AS single
               FROM recon_seen WHERE funder_id = $1 AND business_day = $2),
@@ -425,21 +469,20 @@ async def match(
             SELECT count(*) AS n,
                    coalesce(sum(amount_min) FILTER (WHERE lines = 1), 0) AS single
               FROM recon_odd WHERE line_no IS NOT NULL)
-        SELECT stage.lines::bigint, stage.amount::bigint, stage.paid::bigint,
-               (seen.orders - odd.n)::bigint AS matched,
+        SELECT (seen.orders - odd.n)::bigint AS matched,
                (seen.single - odd.single)::bigint AS matched_amount
-          FROM stage, seen, odd
+          FROM seen, odd
         """,
         funder_id,
         day,
     )
     assert row is not None
     return Totals(
-        lines=int(row["lines"]),
-        amount=int(row["amount"]),
+        lines=stage.lines,
+        amount=stage.amount,
         matched=int(row["matched"]),
         matched_amount=int(row["matched_amount"]),
-        paid=int(row["paid"]),
+        paid=stage.paid,
     )
 
 

@@ -741,6 +741,15 @@ _OK = b"OK,R1,1000000,SUCCESS,2026-03-10T18:00:00+08:00\n"
 _U = b"U1,R2,1000000,FAILED,2026-03-10T18:00:00Z\n"
 
 
+async def _run_tables(w: World) -> list[str]:
+    """Tables a run made for itself (its staged statement, its match) still in the catalog."""
+    async with w.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT relname FROM pg_class WHERE relname ~ '^recon_(raw|lines|joined)_[0-9]+$'"
+        )
+    return [r["relname"] for r in rows]
+
+
 def _spy_on_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Whether each run took the fast path (`_copy_file_raw`), in order."""
     import gateway.reconcile as reconcile
@@ -748,9 +757,10 @@ def _spy_on_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     taken: list[bool] = []
     real = reconcile._copy_file_raw
 
-    async def spy(*args: Any) -> bool:
-        taken.append(await real(*args))
-        return taken[-1]
+    async def spy(*args: Any) -> Any:
+        staged = await real(*args)  # the staged file's totals, None when it declined
+        taken.append(staged is not None)
+        return staged
 
     monkeypatch.setattr(reconcile, "_copy_file_raw", spy)
     return taken
@@ -808,8 +818,8 @@ async def test_a_sandbox_file_reads_the_same_on_the_fast_path_and_through_the_pa
         assert taken == [fast]
 
     # the same file through the parser alone, after a clean slate
-    async def never(*args: Any) -> bool:
-        return False
+    async def never(*args: Any) -> None:
+        return None
 
     monkeypatch.setattr(reconcile, "_copy_file_raw", never)
     async with w.pool.acquire() as conn:
@@ -846,6 +856,7 @@ async def test_a_repeated_line_fails_the_run_and_an_order_on_several_lines_does_
     result = await reconcile_day(w.svc, "bank-a", D)
 
     assert (result.status, result.error) == ("failed" if error else "succeeded", error)
+    assert await _run_tables(w) == []  # the staged lines went with the run, either way
 
 
 async def test_line_numbers_stay_exact_past_the_line_counters_first_block(
@@ -886,6 +897,7 @@ async def test_a_connector_statement_with_a_bad_line_fails_the_run(
     result = await reconcile_day(world.svc, "bank-a", D)
 
     assert (result.status, result.error) == ("failed", error)
+    assert await _run_tables(world) == []
 
 
 async def test_a_statement_the_bank_cannot_deliver_fails_the_run(world: World) -> None:
