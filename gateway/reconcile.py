@@ -444,9 +444,7 @@ async def _classify(
         for r in absent
     ]
     missing = [r["order_no"] for r, d in decided if d.type is BreakType.MISSING_AT_BANK]
-    already = await rq.reported_elsewhere(
-        conn, funder.id, run_id, BreakType.MISSING_AT_BANK.value, missing
-    )
+    already = await rq.missing_reported_elsewhere(conn, funder.id, run_id, missing)
     batch = []
     for r, d in decided:
         if d.type is BreakType.MISSING_AT_BANK and r["order_no"] in already:

@@ -673,18 +673,19 @@ async def absent(conn: Conn, funder_id: str, day: date, since: date) -> list[asy
     )
 
 
-async def reported_elsewhere(
-    conn: Conn, funder_id: str, run_id: int, kind: str, order_nos: Sequence[str]
+async def missing_reported_elsewhere(
+    conn: Conn, funder_id: str, run_id: int, order_nos: Sequence[str]
 ) -> set[str]:
-    """Orders that already have a break of `kind` from another run."""
+    """Orders that already have a `missing_at_bank` break from another run (the type spelled
+    out, so that every plan of this statement reads the partial index of those breaks,
+    migration 0015)."""
     if not order_nos:
         return set()
     rows = await conn.fetch(
         """SELECT order_no FROM recon_breaks
-            WHERE funder_id = $1 AND type = $2 AND run_id <> $3
-              AND order_no = ANY($4::text[])""",
+            WHERE funder_id = $1 AND type = 'missing_at_bank' AND run_id <> $2
+              AND order_no = ANY($3::text[])""",
         funder_id,
-        kind,
         run_id,
         list(order_nos),
     )
