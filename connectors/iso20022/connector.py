@@ -29,6 +29,7 @@ NOOR (no original transaction received).
 from __future__ import annotations
 
 import secrets
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, date, datetime
@@ -54,6 +55,8 @@ from connectors.iso20022 import wire
 log = structlog.get_logger("fundgate.connectors.iso20022")
 
 NOT_FOUND_REASON = "NOOR"
+# a statement download larger than this is spooled to a temporary file while it is verified
+SPOOL_IN_MEMORY_BYTES = 64 * 1024
 _REFUSED_BEFORE_EXECUTION = (400, 401, 403)
 
 
@@ -235,29 +238,48 @@ class IsoConnector:
         raise http.unexpected_status(response, what)
 
     async def fetch_statement(self, day: date) -> AsyncIterator[StatementLine]:
+        """The day's camt.053. The download must carry the bank's signature over its raw
+        bytes (the X-ISO headers, as on every answer): it is spooled (memory up to
+        `SPOOL_IN_MEMORY_BYTES`, then a temporary file) while the signature is computed, and
+        parsed only once the signature and its timestamp check out; an unsigned or tampered
+        statement is a `ConnectorError` (code `bad_signature`, `stale` or `malformed`) and
+        not one entry of it is read."""
         what = f"iso20022 statement {day.isoformat()}"
         path = self.options.statement_path.replace("{day}", day.isoformat())
         request = self._request("GET", path, b"")
-        with http.classify_transport_errors(what):
-            response = await self._client.send(request, stream=True)
-            try:
-                if response.status_code != 200:
-                    await response.aread()
-                    raise http.unexpected_status(response, what)
-                parser = wire.CamtStream()
-                async for chunk in response.aiter_bytes():
-                    try:
-                        for line in parser.feed(chunk):
-                            yield line
-                    except wire.WireFormatError as e:
-                        raise ConnectorError(f"{what}: {e}", code="malformed_statement") from e
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES) as spool:
+            head = b""
+            with http.classify_transport_errors(what):
+                response = await self._client.send(request, stream=True)
                 try:
-                    for line in parser.close():
+                    if response.status_code != 200:
+                        await response.aread()
+                        raise http.unexpected_status(response, what)
+                    try:
+                        check = wire.StatementCheck(self._secret, response.headers, self._clock())
+                    except wire.SignatureError as e:
+                        raise self._untrusted_statement(what, response, e, head) from e
+                    async for chunk in response.aiter_bytes():
+                        if len(head) < wire.RAW_LOG_LIMIT:
+                            head += chunk[: wire.RAW_LOG_LIMIT - len(head)]
+                        spool.write(chunk)
+                        check.update(chunk)
+                    try:
+                        check.finish()
+                    except wire.SignatureError as e:
+                        raise self._untrusted_statement(what, response, e, head) from e
+                finally:
+                    await response.aclose()
+            spool.seek(0)
+            parser = wire.CamtStream()
+            try:
+                while chunk := spool.read(SPOOL_IN_MEMORY_BYTES):
+                    for line in parser.feed(chunk):
                         yield line
-                except wire.WireFormatError as e:
-                    raise ConnectorError(f"{what}: {e}", code="malformed_statement") from e
-            finally:
-                await response.aclose()
+                for line in parser.close():
+                    yield line
+            except wire.WireFormatError as e:
+                raise ConnectorError(f"{what}: {e}", code="malformed_statement") from e
 
     async def aclose(self) -> None:
         """Nothing to release: the HTTP client belongs to the gateway."""
@@ -323,6 +345,19 @@ class IsoConnector:
             self._bad_reply(what, response, "malformed")
             raise OutcomeUnknown(f"{what}: pain.002 does not report this order", code="malformed")
         return _result(mine[0])
+
+    def _untrusted_statement(
+        self, what: str, response: httpx.Response, e: wire.SignatureError, head: bytes
+    ) -> ConnectorError:
+        log.warning(
+            "iso20022.statement_refused",
+            funder_id=self.funder_id,
+            what=what,
+            reason=e.reason,
+            http_status=response.status_code,
+            raw=wire.masked_excerpt(head),
+        )
+        return ConnectorError(f"{what}: statement not trusted: {e.message}", code=e.reason)
 
     def _bad_reply(self, what: str, response: httpx.Response, reason: str) -> None:
         body = response.content

@@ -4,7 +4,8 @@ and calls back with signed pain.002, serves camt.053.001.08 statements.
     POST <upload_path>            pain.001 of one or more transactions -> pain.002 with one
                                   status per transaction (ACTC, or RJCT AC04 when refused)
     GET  <status_path>            pain.002 of one order; 404 + pain.002 RJCT NOOR if unknown
-    GET  <statement_path>         camt.053.001.08 of the orders booked that day
+    GET  <statement_path>         camt.053.001.08 of the orders booked that day, signed like
+                                  every answer (the X-ISO headers over its raw bytes)
     GET  /_sandbox/payouts        the oracle of money moved: `executions` is never above 1
 
 Idempotent by EndToEndId (our order number): an order sent again, alone or in another
@@ -147,9 +148,18 @@ class IsoBank(SimulatedBank):
             ),
             key=lambda t: (t[3], t[0]),
         )
-        response = web.StreamResponse(headers={"Content-Type": "application/xml"})
+        # signed as every answer is: the document is rendered twice, once for its signature
+        # (the headers go first) and once to send, so that a large day is never held whole
+        msg_id = f"STMT-{day.isoformat()}"
+        headers = wire.sign_statement(
+            self.opts.secret,
+            wire.camt053(msg_id, booked),
+            timestamp=str(int(time.time())),
+            nonce=secrets.token_hex(16),
+        )
+        response = web.StreamResponse(headers=headers)
         await response.prepare(request)
-        for chunk in wire.camt053(f"STMT-{day.isoformat()}", booked):
+        for chunk in wire.camt053(msg_id, booked):
             await response.write(chunk)
         await response.write_eof()
         return response

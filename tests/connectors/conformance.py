@@ -350,7 +350,9 @@ class IsoHarness:
         return n // ISO_LINES_PER_ENTRY + 1  # header and trailer lines come on top
 
     def statement_headers(self, chunks: Iterable[bytes]) -> dict[str, str]:
-        return {}  # the camt.053 download carries no signature of its own
+        return iso_wire.sign_statement(
+            self.secret, chunks, timestamp=str(int(time.time())), nonce="conformance"
+        )
 
     def statement_lines(self, n: int) -> Iterator[bytes]:
         at = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)

@@ -16,7 +16,7 @@ from lxml import etree
 from structlog.testing import capture_logs
 
 from config.models import Funder
-from connectors.base import BankStatus
+from connectors.base import BankStatus, StatementLine
 from connectors.errors import CallbackRejected, ConnectorError, OutcomeUnknown, Rejected
 from connectors.iso20022 import wire
 from connectors.iso20022.connector import IsoConnector
@@ -247,13 +247,72 @@ async def test_callbacks_are_verified_and_parsed(client: httpx.AsyncClient) -> N
     assert malformed.value.reason == "malformed"
 
 
-@pytest.mark.asyncio
-async def test_truncated_statement_is_a_connector_error() -> None:
-    def handler(_r: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=(DATA / "camt053.v8.xml").read_bytes()[:-200])
+async def statement_of(
+    answer: Callable[[], httpx.Response],
+) -> tuple[list[StatementLine], ConnectorError | None]:
+    """The lines `fetch_statement` yielded before it stopped, and the error it stopped with."""
 
+    def handler(_r: httpx.Request) -> httpx.Response:
+        return answer()
+
+    lines: list[StatementLine] = []
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as c:
         connector = IsoConnector(funder(), c)
-        with pytest.raises(ConnectorError, match=r"malformed|truncated"):
-            async for _ in connector.fetch_statement(date(2026, 11, 25)):
-                pass
+        try:
+            async for line in connector.fetch_statement(date(2026, 11, 25)):
+                lines.append(line)
+        except ConnectorError as e:
+            return lines, e
+    return lines, None
+
+
+STATEMENT = (DATA / "camt053.v8.xml").read_bytes()
+
+
+def signed_statement(
+    body: bytes = STATEMENT, *, sent: bytes | None = None, secret: str = SECRET, ts: float = 0
+) -> httpx.Response:
+    """`body` signed as the bank signs a statement; `sent` goes on the wire instead."""
+    headers = wire.sign_statement(secret, [body], timestamp=str(int(ts or time.time())), nonce="n1")
+    return httpx.Response(200, content=body if sent is None else sent, headers=headers)
+
+
+@pytest.mark.asyncio
+async def test_a_signed_statement_is_read() -> None:
+    lines, error = await statement_of(signed_statement)
+    assert error is None
+    parser = wire.CamtStream()
+    assert lines == [*parser.feed(STATEMENT), *parser.close()]
+    assert lines  # the sample has entries
+
+
+@pytest.mark.asyncio
+async def test_truncated_statement_is_a_connector_error() -> None:
+    _, error = await statement_of(lambda: signed_statement(STATEMENT[:-200]))
+    assert error is not None
+    assert error.code == "malformed_statement"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [
+        (lambda: httpx.Response(200, content=STATEMENT), "bad_signature"),
+        (lambda: signed_statement(sent=STATEMENT.replace(b"<Amt", b"<Amt ")), "bad_signature"),
+        (lambda: signed_statement(secret="someone-else"), "bad_signature"),
+        (lambda: signed_statement(ts=time.time() - 3600), "stale"),
+        # garbage that would fail parsing is refused for its signature first: never parsed
+        (lambda: httpx.Response(200, content=b"\xff\xfe<html>not xml"), "bad_signature"),
+    ],
+    ids=["unsigned", "tampered", "wrong-key", "stale", "unsigned-garbage"],
+)
+async def test_an_unsigned_or_tampered_statement_is_refused_before_a_line_is_read(
+    answer: Callable[[], httpx.Response], code: str
+) -> None:
+    with capture_logs() as logs:
+        lines, error = await statement_of(answer)
+    assert lines == []
+    assert error is not None
+    assert (error.code, "statement not trusted" in error.message) == (code, True)
+    refused = [e for e in logs if e["event"] == "iso20022.statement_refused"]
+    assert [e["reason"] for e in refused] == [code]
