@@ -14,7 +14,7 @@ Order numbers in the run's own tables and in `recon_seen` compare bytewise (`COL
 comparison sorts them half as fast for the same answer (equality is the same under every
 deterministic collation). Where such a column meets one of the default collation
 (`attempts`, `recon_breaks`, `recon_pending`), one side is given the other's collation
-explicitly, the temporary side where a permanent table's index should stay usable.
+explicitly, the run's side where a permanent table's index should stay usable.
 """
 
 from __future__ import annotations
@@ -322,7 +322,7 @@ async def duplicate_line(conn: Conn) -> tuple[int, int] | None:
     return None if row is None else (row["first"], row["repeat"])
 
 
-# What the statement says of each order the match kept, from its lines (`recon_joined` holds
+# What the statement says of each order the match kept, from its lines (`{joined}` holds
 # a few orders in a hundred; the orders on several lines are aggregated with them).
 _LINES = """(
     SELECT order_no,
@@ -364,16 +364,16 @@ async def match(
     stage: StageTotals,
 ) -> Totals:
     """Match the statement (after `record_seen`): each order it lists, as recorded in the
-    day's partition of `recon_seen` (one row per order: its lines, net paid count and amount),
-    joined with our attempt and what earlier statements of the last days listed; only the
-    orders that are not plain matches are kept (`recon_joined`), then given what their lines
-    say (statuses, amounts, first line, bank reference: `_LINES`) and numbered in statement
-    order (`recon_odd`), to be classified one by one. A plain match is one line, never listed
-    before, not already resolved by this day's run, same amount and final status
-    (`reconciliation.classify.is_plain_match`) of an order of this business day: it changes
-    nothing but counts, so the joined rows of nearly every order are counted, not written. The
-    counts are the statement's own totals (`stage`, counted as it was staged) less what the
-    odd orders hold.
+    day's partition of `recon_seen` (one row per order: its lines, net paid count and
+    amount), joined with our attempt and what earlier statements of the last days listed;
+    only the orders that are not plain matches are kept (the run's `recon_joined_<run>`),
+    then given what their lines say (statuses, amounts, first line, bank reference:
+    `_LINES`) and numbered in statement order (`recon_odd`), to be classified one by one. A
+    plain match is one line, never listed before, not already resolved by this day's run,
+    same amount and final status (`reconciliation.classify.is_plain_match`) of an order of
+    this business day: it changes nothing but counts, so the joined rows of nearly every
+    order are counted, not written. The counts are the statement's own totals (`stage`,
+    counted as it was staged) less what the odd orders hold.
 
     The join hashes only the funder's attempts sent from `sent_from` on (the days a statement
     lists nearly every order from), not the funder's whole history; an order the statement
@@ -392,8 +392,8 @@ async def match(
     attempt, an order of another day) is odd and classified with the disbursement's own
     amount and day (`odd_rows`), with the same verdict.
 
-    The million-row join reads no temporary table (the run's own are invisible to parallel
-    workers), so PostgreSQL (16 and later) can hash and join it in parallel."""
+    The million-row join reads no temporary table (invisible to parallel workers), so
+    PostgreSQL (16 and later) can hash and join it in parallel."""
     joined = _joined_table(run_id)  # a table of the run's own, as its stage: read in parallel
     await conn.execute(
         f"""
