@@ -123,6 +123,8 @@ class _Loop:
         self.tasks: set[asyncio.Task[None]] = set()
         self.claimed: dict[asyncio.Task[None], list[int]] = {}  # task -> its outbox row ids
         self._wake = asyncio.Event()
+        self._running = False  # `run` is between its start and its end
+        self._ended = asyncio.Event()
 
     def wake(self, *_: Any) -> None:
         self._wake.set()
@@ -159,6 +161,14 @@ class _Loop:
         return sum(len(ids) for ids in self.claimed.values())
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._running = True
+        try:
+            await self._run(stop)
+        finally:
+            self._running = False
+            self._ended.set()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         interval = self.svc.cfg.dispatch.poll_interval_seconds
         while not stop.is_set():
             free = self.capacity - self.in_flight
@@ -198,7 +208,14 @@ class _Loop:
         """Let in-flight calls finish; what does not is cancelled and handed back for another
         process (or the restart) to take at once. A cancelled bank call may have reached the
         bank: the re-send carries the same order number, and a claim without a recorded
-        outcome is never failed over."""
+        outcome is never failed over.
+
+        The loop is let finish first: rows it claimed just before the stop (the claim
+        committed, their tasks not yet started) become tasks, drained like the others,
+        instead of waiting out their lease when the loop is cancelled mid-claim."""
+        if self._running:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ended.wait(), timeout)
         if not self.tasks:
             return
         _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)

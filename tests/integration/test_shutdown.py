@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from connectors.base import PayoutOrder, PayoutResult
+from gateway.dispatcher import Dispatcher
 from tests.fakes import FakeBank
 from tests.integration.conftest import StartGateway, eventually
 
@@ -41,3 +43,41 @@ async def test_sigterm_hands_a_hanging_bank_call_back_for_the_next_process(
     assert len(rows) == 1
     assert rows[0]["leased_until"] is None  # free for the next process now, not in 10 minutes
     assert rows[0]["tries"] == 1  # the try still counts: that call may have reached the bank
+
+
+@pytest.mark.asyncio
+async def test_a_claim_that_lands_as_the_gateway_stops_is_handed_back_too(
+    start_gateway: StartGateway,
+) -> None:
+    # the stop comes between the claim's commit and the start of its tasks: the drain lets
+    # the loop finish that claim, then hands the rows back like any other in flight
+    banks = {"bank-a": HangingBank("bank-a"), "bank-b": FakeBank("bank-b")}
+    h = await start_gateway(
+        role="api", banks=banks, dispatch={"drain_seconds": 0.2, "lease_seconds": 600}
+    )  # no dispatcher of its own: this test drives one
+    await h.register()
+    await h.accepted("SHUT-2")
+    claimed, hold = asyncio.Event(), asyncio.Event()
+
+    class SlowClaim(Dispatcher):
+        async def claim(self, conn: Any, n: int) -> list[Any]:
+            rows = await super().claim(conn, n)
+            if rows:
+                claimed.set()
+                await hold.wait()
+            return rows
+
+    dispatcher, stop = SlowClaim(h.svc), asyncio.Event()
+    loop = asyncio.create_task(dispatcher.run(stop))
+    await asyncio.wait_for(claimed.wait(), 10)
+    stop.set()
+    drain = asyncio.create_task(dispatcher.drain(0.2))
+    await asyncio.sleep(0.05)  # the drain has begun; now the claim returns
+    hold.set()
+    await asyncio.wait_for(drain, 10)
+    loop.cancel()
+    await asyncio.gather(loop, return_exceptions=True)
+
+    [row] = await h.outbox("dispatch")
+    assert row["leased_until"] is None
+    assert row["tries"] == 1
