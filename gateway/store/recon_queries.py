@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 import asyncpg
 
@@ -151,20 +151,15 @@ class StageTotals:
 # `recon_stage` is a temporary view over it under one name, whichever path staged it.
 
 
-def _lines_table(run_id: int) -> str:
-    return f"recon_lines_{run_id}"
+RunTable = Literal["raw", "lines", "joined"]  # the fast path's file, the parser's, the match's
 
 
-def _raw_table(run_id: int) -> str:
-    return f"recon_raw_{run_id}"
-
-
-def _joined_table(run_id: int) -> str:
-    return f"recon_joined_{run_id}"
+def _run_table(kind: RunTable, run_id: int) -> str:
+    return f"recon_{kind}_{run_id}"
 
 
 async def create_stage(conn: Conn, run_id: int) -> None:
-    table = _lines_table(run_id)
+    table = _run_table("lines", run_id)
     await conn.execute(
         f"""
         CREATE UNLOGGED TABLE {table} (
@@ -181,7 +176,7 @@ async def create_stage(conn: Conn, run_id: int) -> None:
 
 
 async def copy_stage(conn: Conn, run_id: int, records: AsyncIterable[tuple[Any, ...]]) -> None:
-    table = _lines_table(run_id)
+    table = _run_table("lines", run_id)
     await conn.copy_records_to_table(table, records=records, columns=STAGE_COLUMNS)
     # statistics before the joins: without them a new table looks like a few hundred orders,
     # and a million index look-ups into `attempts` replace one hash join
@@ -209,7 +204,7 @@ async def create_raw(conn: Conn, run_id: int) -> None:
     the sequence (a fifth of the COPY's time)."""
     await conn.execute(
         f"""
-        CREATE UNLOGGED TABLE {_raw_table(run_id)} (
+        CREATE UNLOGGED TABLE {_run_table("raw", run_id)} (
             line_no     bigint GENERATED ALWAYS AS IDENTITY (START WITH 2 CACHE 100000),
             order_no text COLLATE "C", bank_ref text COLLATE "C", amount bigint, status text,
             finished_at text
@@ -223,7 +218,7 @@ async def copy_raw(conn: Conn, run_id: int, source: AsyncIterable[bytes]) -> int
     the amounts (a line with another field count, or an amount that is no integer, raises).
     Returns the rows."""
     status = await conn.copy_to_table(
-        _raw_table(run_id), source=source, columns=RAW_COLUMNS, format="csv", header=True
+        _run_table("raw", run_id), source=source, columns=RAW_COLUMNS, format="csv", header=True
     )
     return int(status.split()[-1])
 
@@ -236,7 +231,7 @@ async def stage_raw(conn: Conn, run_id: int) -> StageTotals | None:
     instant raises `asyncpg.DataError`. The lines are grouped by their time as they are
     checked, so each distinct time is then checked once (`OFFSET 0` keeps that check above the
     grouping): a day's statement has far fewer distinct times than lines."""
-    raw = _raw_table(run_id)
+    raw = _run_table("raw", run_id)
     row = await conn.fetchrow(
         f"""
         SELECT coalesce(bool_or(bad OR (finished_at IS NOT NULL
@@ -278,8 +273,8 @@ async def drop_stage(conn: Conn, run_id: int) -> None:
     before the run commits: a temporary view outlives the transaction, and the tables are the
     run's alone."""
     await conn.execute("DROP VIEW IF EXISTS pg_temp.recon_stage")
-    tables = (_raw_table(run_id), _lines_table(run_id), _joined_table(run_id))
-    await conn.execute(f"DROP TABLE IF EXISTS {', '.join(tables)}")
+    tables = ", ".join(_run_table(kind, run_id) for kind in get_args(RunTable))
+    await conn.execute(f"DROP TABLE IF EXISTS {tables}")
 
 
 # the run's transaction: its hash aggregate and joins over a million orders spill to disk at
@@ -296,7 +291,12 @@ async def tune_run(conn: Conn) -> None:
     part of it (the run stays `running` and the scheduler runs the day again), and any later
     durable commit (an automatic resolution, a person's resolution) flushes the WAL up to
     itself first, so nothing that depends on it can survive without it. The state machine's
-    transactions (`gateway.outcomes`) keep the server's setting."""
+    transactions (`gateway.outcomes`) keep the server's setting.
+
+    `parallel_tuple_cost = 0`: the run's big statements (the grouping into `recon_seen`, the
+    match, whose filter keeps a few orders in a hundred, which the planner cannot know) pass
+    many rows through a parallel plan's Gather, which the planner overprices and then stays
+    serial, at half speed."""
     await conn.execute(f"SET LOCAL work_mem = '{RUN_WORK_MEM}'")
     await conn.execute("SET LOCAL synchronous_commit = off")
     await conn.execute("SET LOCAL parallel_tuple_cost = 0")
@@ -394,7 +394,8 @@ async def match(
 
     The million-row join reads no temporary table (invisible to parallel workers), so
     PostgreSQL (16 and later) can hash and join it in parallel."""
-    joined = _joined_table(run_id)  # a table of the run's own, as its stage: read in parallel
+    # a table of the run's own, as its stage: read in parallel
+    joined = _run_table("joined", run_id)
     await conn.execute(
         f"""
         CREATE UNLOGGED TABLE {joined} WITH (autovacuum_enabled = off) AS
