@@ -10,12 +10,16 @@ Every HTTP-based connector sends through `send` (or wraps a stream in
 
 When in doubt the answer is `OutcomeUnknown`: it costs a status query, while a wrong
 `NotSent` may pay a borrower twice (the gateway fails `NotSent` over to another funder).
+
+A signed statement download is spooled with `spool_body` while its signature is computed, and
+parsed only once it checks out (the signed_json and iso20022 connectors).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import IO, Protocol
 
 import httpx
 
@@ -72,3 +76,29 @@ def unexpected_status(response: httpx.Response, what: str) -> OutcomeUnknown:
     """
     code = "server_error" if response.status_code >= 500 else "unexpected_status"
     return OutcomeUnknown(f"{what}: bank answered HTTP {response.status_code}", code=code)
+
+
+# a statement download larger than this is spooled to a temporary file while it is verified
+SPOOL_IN_MEMORY_BYTES = 64 * 1024
+
+
+class BodyCheck(Protocol):
+    """A check computed over a body as it streams (a statement's signature)."""
+
+    def update(self, chunk: bytes) -> None: ...
+
+
+async def spool_body(
+    response: httpx.Response, spool: IO[bytes], check: BodyCheck | None, *, head_bytes: int
+) -> bytes:
+    """A streamed answer's body written to `spool` as it arrives, each chunk fed to `check`
+    on the way; returns its first `head_bytes` bytes, for a log line should the check fail.
+    Call inside `classify_transport_errors`: the body is still being read."""
+    head = b""
+    async for chunk in response.aiter_bytes():
+        if len(head) < head_bytes:
+            head += chunk[: head_bytes - len(head)]
+        spool.write(chunk)
+        if check is not None:
+            check.update(chunk)
+    return head

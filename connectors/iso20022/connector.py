@@ -55,8 +55,6 @@ from connectors.iso20022 import wire
 log = structlog.get_logger("fundgate.connectors.iso20022")
 
 NOT_FOUND_REASON = "NOOR"
-# a statement download larger than this is spooled to a temporary file while it is verified
-SPOOL_IN_MEMORY_BYTES = 64 * 1024
 _REFUSED_BEFORE_EXECUTION = (400, 401, 403)
 
 
@@ -240,15 +238,14 @@ class IsoConnector:
     async def fetch_statement(self, day: date) -> AsyncIterator[StatementLine]:
         """The day's camt.053. The download must carry the bank's signature over its raw
         bytes (the X-ISO headers, as on every answer): it is spooled (memory up to
-        `SPOOL_IN_MEMORY_BYTES`, then a temporary file) while the signature is computed, and
+        `http.SPOOL_IN_MEMORY_BYTES`, then a temporary file) while the signature is computed, and
         parsed only once the signature and its timestamp check out; an unsigned or tampered
         statement is a `ConnectorError` (code `bad_signature`, `stale` or `malformed`) and
         not one entry of it is read."""
         what = f"iso20022 statement {day.isoformat()}"
         path = self.options.statement_path.replace("{day}", day.isoformat())
         request = self._request("GET", path, b"")
-        with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES) as spool:
-            head = b""
+        with tempfile.SpooledTemporaryFile(max_size=http.SPOOL_IN_MEMORY_BYTES) as spool:
             with http.classify_transport_errors(what):
                 response = await self._client.send(request, stream=True)
                 try:
@@ -258,12 +255,10 @@ class IsoConnector:
                     try:
                         check = wire.StatementCheck(self._secret, response.headers, self._clock())
                     except wire.SignatureError as e:
-                        raise self._untrusted_statement(what, response, e, head) from e
-                    async for chunk in response.aiter_bytes():
-                        if len(head) < wire.RAW_LOG_LIMIT:
-                            head += chunk[: wire.RAW_LOG_LIMIT - len(head)]
-                        spool.write(chunk)
-                        check.update(chunk)
+                        raise self._untrusted_statement(what, response, e, b"") from e
+                    head = await http.spool_body(
+                        response, spool, check, head_bytes=wire.RAW_LOG_LIMIT
+                    )
                     try:
                         check.finish()
                     except wire.SignatureError as e:
@@ -273,7 +268,7 @@ class IsoConnector:
             spool.seek(0)
             parser = wire.CamtStream()
             try:
-                while chunk := spool.read(SPOOL_IN_MEMORY_BYTES):
+                while chunk := spool.read(http.SPOOL_IN_MEMORY_BYTES):
                     for line in parser.feed(chunk):
                         yield line
                 for line in parser.close():

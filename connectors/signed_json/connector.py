@@ -47,9 +47,6 @@ from connectors.signed_json import wire
 
 log = structlog.get_logger("fundgate.connectors.signed_json")
 
-# a statement download larger than this is spooled to a temporary file while it is verified
-SPOOL_IN_MEMORY_BYTES = 64 * 1024
-
 
 def tls_context(tls: wire.Tls) -> ssl.SSLContext:
     """The client TLS context for a custom CA bundle and/or a client certificate (mTLS)."""
@@ -153,7 +150,7 @@ class SignedJsonConnector:
 
     async def fetch_statement(self, day: date) -> AsyncIterator[StatementLine]:
         """The day's CSV statement. With `verify_responses` the download must carry the bank's
-        signature over its raw bytes: it is spooled (memory up to `SPOOL_IN_MEMORY_BYTES`,
+        signature over its raw bytes: it is spooled (memory up to `http.SPOOL_IN_MEMORY_BYTES`,
         then a temporary file) while the signature is computed, and parsed only once the
         signature and its timestamp check out; an unsigned or tampered statement is a
         `ConnectorError` (code `bad_signature`, `stale` or `malformed`) and never parsed."""
@@ -161,8 +158,7 @@ class SignedJsonConnector:
         path = self.options.endpoints.statement.replace("{day}", day.isoformat())
         request = self._request("GET", path, None)
         # a local spool: the writes of a few 64 KiB chunks do not stall the loop noticeably
-        with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES) as spool:
-            head = b""
+        with tempfile.SpooledTemporaryFile(max_size=http.SPOOL_IN_MEMORY_BYTES) as spool:
             with http.classify_transport_errors(what):
                 response = await self._client.send(request, stream=True)
                 try:
@@ -177,13 +173,10 @@ class SignedJsonConnector:
                                 self._signer, response.headers, self._clock()
                             )
                         except wire.SignatureError as e:
-                            raise self._untrusted_statement(what, response, e, head) from e
-                    async for chunk in response.aiter_bytes():
-                        if len(head) < wire.RAW_LOG_LIMIT:
-                            head += chunk[: wire.RAW_LOG_LIMIT - len(head)]
-                        spool.write(chunk)
-                        if check is not None:
-                            check.update(chunk)
+                            raise self._untrusted_statement(what, response, e, b"") from e
+                    head = await http.spool_body(
+                        response, spool, check, head_bytes=wire.RAW_LOG_LIMIT
+                    )
                     if check is not None:
                         try:
                             check.finish()
