@@ -401,13 +401,13 @@ async def _classify(
         if progress is not None:
             progress(staged.lines)
     lap("stage")
-    await rq.record_seen(conn, funder.id, day)
+    orders = await rq.record_seen(conn, funder.id, day)
     lap("seen")
     zone = svc.cfg.gateway.timezone
     start, end = _day_bounds(svc, day)
     sent_from = start - timedelta(days=HASHED_DAYS_BEFORE)
     totals = await rq.match(
-        conn, funder.id, day, (start, end), sent_from, earlier_from, run_id, zone, staged
+        conn, funder.id, day, (start, end), sent_from, earlier_from, run_id, zone, staged, orders
     )
     summary.lines, summary.amount = totals.lines, totals.amount
     summary.matched.add(totals.matched_amount, totals.matched)
