@@ -49,8 +49,15 @@ from connectors.base import (
     PayoutResult,
     StatementLine,
 )
-from connectors.errors import CallbackRejected, ConnectorError, NotSent, OutcomeUnknown, Rejected
-from connectors.iso20022 import wire
+from connectors.errors import (
+    CallbackRejected,
+    ConnectorError,
+    NotSent,
+    OutcomeUnknown,
+    Rejected,
+    StatementError,
+)
+from connectors.iso20022 import camt053, wire
 
 log = structlog.get_logger("fundgate.connectors.iso20022")
 
@@ -266,14 +273,12 @@ class IsoConnector:
                 finally:
                     await response.aclose()
             spool.seek(0)
-            parser = wire.CamtStream()
+            # by lines (a longer one in pieces), so that an error names its line
+            pieces = iter(lambda: spool.readline(camt053.PIECE_BYTES), b"")
             try:
-                while chunk := spool.read(http.SPOOL_IN_MEMORY_BYTES):
-                    for line in parser.feed(chunk):
-                        yield line
-                for line in parser.close():
+                for _line_no, line in camt053.parse_camt053(pieces, wire.BANK_ZONE.key):
                     yield line
-            except wire.WireFormatError as e:
+            except StatementError as e:
                 raise ConnectorError(f"{what}: {e}", code="malformed_statement") from e
 
     async def aclose(self) -> None:

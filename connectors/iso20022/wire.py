@@ -1,5 +1,6 @@
 """ISO 20022 wire format: pain.001 instructions (001.09, or 001.03), pain.002 status reports
-(001.11) and camt.053 statements; options, transport signing and status mapping. Pure, no I/O.
+(001.11) and the sandbox's camt.053 statements (read by `camt053`); options, transport signing
+and status mapping. Pure, no I/O.
 
 Every XML document is parsed hardened: no DTD, no entity expansion, no network, and a
 document that declares a DOCTYPE or ENTITY is refused before parsing (XML bombs).
@@ -18,7 +19,7 @@ import hmac
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, time
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,7 @@ from zoneinfo import ZoneInfo
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from connectors.base import BankStatus, PayoutOrder, StatementLine
+from connectors.base import BankStatus, PayoutOrder
 
 TIMESTAMP_HEADER = "X-ISO-Timestamp"
 NONCE_HEADER = "X-ISO-Nonce"
@@ -62,9 +63,6 @@ MAX_ID_LENGTH = 35
 MAX_BATCH_SIZE = 500
 
 _DECLARATION = re.compile(rb"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
-_CAMT_NS = re.compile(rb"urn:iso:std:iso:20022:tech:xsd:camt\.053\.001\.(02|04|08)\b")
-_DOCUMENT_END = re.compile(rb"</([A-Za-z_][\w.-]*:)?Document>\s*$")
-ROOT_WITHIN_BYTES = 1 << 20  # the root element must start within this many bytes
 _TIMESTAMP = re.compile(r"\d{1,12}")
 _LONG_DIGITS = re.compile(r"\d{6,}")
 RAW_LOG_LIMIT = 512  # enough to diagnose a bad reply, never a whole document in a log line
@@ -505,134 +503,6 @@ def read_pain002(body: bytes) -> list[TxStatus]:
 
 
 # --- camt.053 ------------------------------------------------------------------------------
-
-
-class CamtStream:
-    """A camt.053 (02/04/08) pushed chunk by chunk and validated against its XSD (chosen by
-    the root namespace) while it streams: one `StatementLine` per transaction detail, booked
-    entries only, `EndToEndId` as order number, `RvslInd` making a `reversed` line. Memory
-    holds one entry at a time; DOCTYPE/ENTITY declarations are refused."""
-
-    def __init__(self) -> None:
-        self._parser: etree.XMLPullParser | None = None
-        self._head = b""  # bytes before the root namespace is known
-        self._tail = b""
-
-    def _start(self, data: bytes) -> etree.XMLPullParser | None:
-        self._head += data
-        found = _CAMT_NS.search(self._head)
-        if found is None:
-            if len(self._head) > ROOT_WITHIN_BYTES:
-                raise WireFormatError("no camt.053.001.02/04/08 namespace near the start")
-            return None
-        self._parser = etree.XMLPullParser(
-            events=("end",),
-            tag="{*}Ntry",  # only entries surface as events: the parse stays in C
-            resolve_entities=False,
-            no_network=True,
-            load_dtd=False,
-            huge_tree=False,
-            schema=schema(f"camt.053.001.{found.group(1).decode()}"),
-        )
-        return self._parser
-
-    def feed(self, chunk: bytes) -> Iterator[StatementLine]:
-        # a declaration split across two chunks is still seen
-        if _DECLARATION.search(self._tail + chunk):
-            raise WireFormatError("documents with a DOCTYPE or ENTITY declaration are refused")
-        self._tail = (self._tail + chunk)[-64:]
-        parser = self._parser
-        if parser is None:
-            parser = self._start(chunk)
-            if parser is None:
-                return iter(())
-            chunk, self._head = self._head, b""
-        try:
-            parser.feed(chunk)
-        except etree.XMLSyntaxError as e:
-            raise WireFormatError(f"not a valid camt.053: {e}") from e
-        return _entries(parser)
-
-    def close(self) -> Iterator[StatementLine]:
-        if self._parser is None:
-            raise WireFormatError("not a camt.053.001.02/04/08 document")
-        try:
-            self._parser.close()
-        except etree.XMLSyntaxError as e:
-            raise WireFormatError(f"truncated or invalid camt.053: {e}") from e
-        # with a schema plugged in, lxml closes a cut document quietly
-        if not _DOCUMENT_END.search(self._tail):
-            raise WireFormatError("truncated: the document ends before </Document>")
-        return _entries(self._parser)
-
-
-def camt053_lines(chunks: Iterable[bytes]) -> Iterator[StatementLine]:
-    stream = CamtStream()
-    for chunk in chunks:
-        yield from stream.feed(chunk)
-    yield from stream.close()
-
-
-def _entries(parser: etree.XMLPullParser) -> Iterator[StatementLine]:
-    for _event, found in parser.read_events():
-        if not isinstance(found, etree._Element):
-            continue
-        node = found
-        ns = etree.QName(node).namespace or ""
-        if not ns.startswith(CAMT053.format(version="")):
-            raise WireFormatError(f"not a camt.053 document ({ns[:80]})")
-        yield from _entry(node, ns)
-        # drop what was read: memory holds one entry
-        node.clear()
-        parent = node.getparent()
-        while parent is not None and node.getprevious() is not None:
-            del parent[0]
-
-
-def _booked_at(entry: etree._Element, n: dict[str, str]) -> datetime | None:
-    when = entry.findtext("c:BookgDt/c:DtTm", namespaces=n)
-    if when:
-        at = datetime.fromisoformat(when)
-        return at if at.tzinfo else at.replace(tzinfo=BANK_ZONE)
-    day = entry.findtext("c:BookgDt/c:Dt", namespaces=n)
-    return datetime.combine(date.fromisoformat(day), time(), BANK_ZONE) if day else None
-
-
-def _entry(entry: etree._Element, ns: str) -> Iterator[StatementLine]:
-    n = {"c": ns}
-    # v02: <Sts>BOOK</Sts>; v04 and later: <Sts><Cd>BOOK</Cd></Sts>
-    sts = (entry.findtext("c:Sts", namespaces=n) or "").strip() or entry.findtext(
-        "c:Sts/c:Cd", namespaces=n
-    )
-    if (sts or "").strip() != "BOOK":
-        return
-    reversed_ = (entry.findtext("c:RvslInd", namespaces=n) or "").strip() == "true"
-    status = "reversed" if reversed_ else "succeeded"
-    try:
-        booked_at = _booked_at(entry, n)
-    except ValueError as e:
-        raise WireFormatError(f"booking date: {e}") from e
-    entry_ref = entry.findtext("c:AcctSvcrRef", namespaces=n) or entry.findtext(
-        "c:NtryRef", namespaces=n
-    )
-    details = entry.findall("c:NtryDtls/c:TxDtls", n)
-    total = fen(entry.findtext("c:Amt", namespaces=n) or "")
-    if not details:
-        yield StatementLine("", entry_ref, total, status, booked_at)
-        return
-    for tx in details:
-        order_no = (
-            tx.findtext("c:Refs/c:EndToEndId", namespaces=n)
-            or tx.findtext("c:Refs/c:InstrId", namespaces=n)
-            or ""
-        )
-        amount_text = tx.findtext("c:Amt", namespaces=n) or tx.findtext(
-            "c:AmtDtls/c:TxAmt/c:Amt", namespaces=n
-        )
-        # one detail: the entry's amount is the payment; batched: each detail's own
-        amount = fen(amount_text) if amount_text and len(details) > 1 else total
-        bank_ref = tx.findtext("c:Refs/c:AcctSvcrRef", namespaces=n) or entry_ref
-        yield StatementLine(order_no, bank_ref, amount, status, booked_at)
 
 
 def camt053(statement_id: str, lines: Iterable[tuple[str, str, int, datetime]]) -> Iterator[bytes]:

@@ -17,8 +17,14 @@ from structlog.testing import capture_logs
 
 from config.models import Funder
 from connectors.base import BankStatus, StatementLine
-from connectors.errors import CallbackRejected, ConnectorError, OutcomeUnknown, Rejected
-from connectors.iso20022 import wire
+from connectors.errors import (
+    CallbackRejected,
+    ConnectorError,
+    OutcomeUnknown,
+    Rejected,
+    StatementError,
+)
+from connectors.iso20022 import camt053, wire
 from connectors.iso20022.connector import IsoConnector
 from tests.connectors.conformance import order
 
@@ -135,23 +141,24 @@ def test_group_rejection_applies_to_every_transaction() -> None:
 )
 def test_public_camt053_samples_stream_into_statement_lines(sample: str, count: None) -> None:
     raw = (DATA / sample).read_bytes()
-    chunks = [raw[i : i + 100] for i in range(0, len(raw), 100)]
-    lines = list(wire.camt053_lines(chunks))
+    chunks = [raw[i : i + 100] for i in range(0, len(raw), 100)]  # any pieces will do
+    lines = [line for _, line in camt053.parse_camt053(chunks)]
     assert lines
+    assert lines == [line for _, line in camt053.parse_camt053(raw.splitlines(keepends=True))]
     assert all(line.status in ("succeeded", "reversed") for line in lines)
     assert all(line.amount >= 0 for line in lines)
 
 
 def test_the_invalid_public_sample_is_refused_by_schema_validation() -> None:
     raw = (DATA / "camt053.v2.invalid.xml").read_bytes()
-    with pytest.raises(wire.WireFormatError, match=r"camt\.053"):
-        list(wire.camt053_lines([raw]))
+    with pytest.raises(StatementError, match=r"camt\.053"):
+        list(camt053.parse_camt053([raw]))
 
 
 @pytest.mark.parametrize("doc", [BOMB, b"<Document><Ntry><Amt>1</Amt>"])
 def test_bombs_and_truncated_statements_are_refused(doc: bytes) -> None:
-    with pytest.raises(wire.WireFormatError):
-        list(wire.camt053_lines([doc[:40], doc[40:]]))
+    with pytest.raises(StatementError):
+        list(camt053.parse_camt053([doc[:40], doc[40:]]))
 
 
 def test_xml_bomb_is_refused_before_parsing() -> None:
@@ -281,9 +288,31 @@ def signed_statement(
 async def test_a_signed_statement_is_read() -> None:
     lines, error = await statement_of(signed_statement)
     assert error is None
-    parser = wire.CamtStream()
-    assert lines == [*parser.feed(STATEMENT), *parser.close()]
+    assert lines == [line for _, line in camt053.parse_camt053([STATEMENT])]
     assert lines  # the sample has entries
+
+
+@pytest.mark.asyncio
+async def test_the_download_is_held_to_the_rules_of_a_statement_file() -> None:
+    """One reader for both: an entry status the reader does not know refuses the download, at
+    its line, as it refuses the file (an unknown word skipped would turn a payout into a
+    false `missing_at_bank`), and a document written on one line is read as the same lines."""
+    odd = STATEMENT.replace(b"<Cd>BOOK</Cd>", b"<Cd>XXXX</Cd>")
+    _, error = await statement_of(lambda: signed_statement(odd))
+    assert error is not None
+    assert error.code == "malformed_statement"
+    with pytest.raises(StatementError) as file_error:
+        list(camt053.parse_camt053(odd.splitlines(keepends=True)))
+    assert str(file_error.value) in str(error)
+    assert "line 110: unknown entry status 'XXXX'" in str(error)  # the entry's line
+
+    at = datetime(2026, 11, 25, 10, tzinfo=wire.BANK_ZONE)
+    rendered = b"".join(wire.camt053("S1", ((f"O{i}", f"R{i}", 100 + i, at) for i in range(900))))
+    one_line = rendered.replace(b"\n", b" ")  # fed in pieces: no line is held whole
+    assert len(one_line) > 3 * camt053.PIECE_BYTES
+    lines, error = await statement_of(lambda: signed_statement(one_line))
+    assert error is None
+    assert [(x.order_no, x.amount) for x in lines] == [(f"O{i}", 100 + i) for i in range(900)]
 
 
 @pytest.mark.asyncio
