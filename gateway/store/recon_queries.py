@@ -598,7 +598,12 @@ async def prune_seen(conn: Conn, funder_id: str, keep_from: date) -> list[str]:
     """Drop the funder's partitions of `recon_seen` older than `keep_from`, in a short
     transaction of its own after the run's (dropping a partition locks the parent table
     exclusively). Returns the tables dropped; none when another run holds `recon_seen` past
-    `PRUNE_LOCK_TIMEOUT` (the next run prunes them)."""
+    `PRUNE_LOCK_TIMEOUT` (the next run prunes them).
+
+    A partition's day is the `YYYYMMDD` its name ends with (`recon_seen_partition`), compared
+    as text, which orders as the days do: nothing is parsed, because the planner may test the
+    condition on any relation of `pg_class` before the join keeps the partitions (with a hash
+    join it did, and `to_date` of a TOAST table's name failed the run after its commit)."""
     try:
         async with conn.transaction():
             await conn.execute(f"SET LOCAL lock_timeout = '{PRUNE_LOCK_TIMEOUT}'")
@@ -608,7 +613,7 @@ async def prune_seen(conn: Conn, funder_id: str, keep_from: date) -> list[str]:
                           recon_seen_partition($1, $2) AS p
                     WHERE i.inhparent = 'recon_seen'::regclass
                       AND left(c.relname, -8) = left(p, -8)
-                      AND to_date(right(c.relname, 8), 'YYYYMMDD') < $2
+                      AND right(c.relname, 8) < right(p, 8)
                     ORDER BY c.relname""",
                 funder_id,
                 keep_from,

@@ -666,6 +666,19 @@ async def test_listed_orders_are_kept_per_funder_and_day_and_dropped_after_the_w
     assert kept == [False, True, True]  # the table itself is dropped
 
 
+async def test_pruning_reads_no_other_relation_name_as_a_day(world: World) -> None:
+    """With nested loops off the planner hashes the join and tests the day condition on every
+    relation of pg_class, TOAST tables included: a name that is no date must not fail it."""
+    w = with_window(world, 0)
+    w.bank.add(D, "OLD")
+    assert (await reconcile_day(w.svc, "bank-a", D)).ok
+    async with w.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_nestloop = off")
+        assert await rq.prune_seen(conn, "bank-a", D) == []  # nothing older than D
+        dropped = await rq.prune_seen(conn, "bank-a", D + timedelta(days=1))
+        assert dropped == [await conn.fetchval("SELECT recon_seen_partition('bank-a', $1)", D)]
+
+
 async def test_order_numbers_beyond_ascii_are_matched_remembered_and_found_late(
     world: World,
 ) -> None:
