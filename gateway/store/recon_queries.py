@@ -395,6 +395,15 @@ async def match(
     attempt, an order of another day) is odd and classified with the disbursement's own
     amount and day (`odd_rows`), with the same verdict.
 
+    What earlier statements listed (from `earlier_from` on) is read in two steps. The join
+    reads the day before's statement only: an order sent this day cannot be on an older one
+    (a statement lists what the bank executed on its day, and the two days may be offset by
+    hours, not by a day), so for a plain match that is the whole look-back. The odd orders
+    not sent this day (and those we do not know) are then looked up in the older statements
+    by their key, a few probes each, instead of the million orders of the day being hashed
+    against a week of statements (with seven days of a million orders each, that took the
+    match from 1.3 to 3.8-4.0 s).
+
     The million-row join reads no temporary table (invisible to parallel workers), so
     PostgreSQL (16 and later) can hash and join it in parallel."""
     # a table of the run's own, as its stage: read in parallel
@@ -402,39 +411,32 @@ async def match(
     await conn.execute(
         f"""
         CREATE UNLOGGED TABLE {joined} WITH (autovacuum_enabled = off) AS
-        WITH earlier AS (
-            SELECT s.order_no, sum(s.paid)::int AS paid
-              FROM recon_seen s
-             WHERE s.funder_id = $1 AND s.business_day >= $3 AND s.business_day < $2
-               AND s.order_no IN (SELECT order_no FROM recon_seen
-                                   WHERE funder_id = $1 AND business_day = $2)
-             GROUP BY s.order_no),
-        auto AS (
+        WITH auto AS (
             SELECT order_no, min(type) AS type FROM recon_breaks
-             WHERE run_id = $4 AND status = 'auto_resolved' GROUP BY order_no)
+             WHERE run_id = $3 AND status = 'auto_resolved' GROUP BY order_no)
         SELECT b.order_no, b.lines, e.paid AS earlier_paid, au.type AS auto_type,
                a.id AS a_id, a.order_no AS a_order_no, a.status AS a_status,
                a.created_at AS a_created_at, a.disbursement_id AS a_disbursement_id
           FROM (SELECT order_no, lines, paid, amount FROM recon_seen
                  WHERE funder_id = $1 AND business_day = $2) b
-          LEFT JOIN earlier e ON e.order_no = b.order_no
+          LEFT JOIN recon_seen e  -- the day before's statement only: the older ones in `recon_odd`
+                 ON e.funder_id = $1 AND e.business_day = $2::date - 1 AND e.order_no = b.order_no
           LEFT JOIN auto au ON au.order_no = b.order_no COLLATE "default"
           FULL JOIN (SELECT id, order_no, status, n, created_at, alloc_funder,
                             alloc_platform, disbursement_id
-                       FROM attempts WHERE funder_id = $1 AND created_at >= $7) a
+                       FROM attempts WHERE funder_id = $1 AND created_at >= $6) a
                  ON a.order_no = b.order_no COLLATE "default"
          WHERE CASE WHEN b.order_no IS NULL  -- not listed: the day's own, not failed
-                    THEN a.created_at >= $5 AND a.created_at < $6 AND a.status <> 'failed'
+                    THEN a.created_at >= $4 AND a.created_at < $5 AND a.status <> 'failed'
                     ELSE NOT coalesce(  -- one line: paid 1 is succeeded, 0 failed
                a.id IS NOT NULL AND b.lines = 1 AND e.order_no IS NULL AND au.type IS NULL
-               AND a.n = 1 AND a.created_at >= $5 AND a.created_at < $6
+               AND a.n = 1 AND a.created_at >= $4 AND a.created_at < $5
                AND b.amount = a.alloc_funder + a.alloc_platform
                AND ((b.paid = 1 AND a.status = 'succeeded')
                     OR (b.paid = 0 AND a.status = 'failed')), false) END
         """,
         funder_id,
         day,
-        earlier_from,
         run_id,
         *bounds,
         sent_from,
@@ -445,7 +447,9 @@ async def match(
         SELECT row_number() OVER (ORDER BY d.line_no) AS i,
                j.order_no, j.lines, d.succeeded, d.failed, d.reversed, d.amount_min,
                d.amount_max, d.amount_sum, d.line_no, d.bank_ref, d.net_paid, d.repeats,
-               j.earlier_paid, j.auto_type,
+               CASE WHEN j.earlier_paid IS NOT NULL OR x.n > 0
+                    THEN coalesce(j.earlier_paid, 0) + coalesce(x.paid, 0) END AS earlier_paid,
+               j.auto_type,
                coalesce(j.a_id, o.id) AS attempt_id,
                coalesce(j.a_order_no, o.order_no) AS our_order_no,
                coalesce(j.a_status, o.status) AS our_status,
@@ -458,9 +462,19 @@ async def match(
                WHERE j.a_id IS NULL AND j.order_no IS NOT NULL
                  AND order_no = j.order_no COLLATE "default" AND funder_id = $1
               OFFSET 0) o ON true
+          CROSS JOIN LATERAL (  -- the older statements, only for an order not sent this day
+              SELECT sum(s.paid)::int AS paid, count(*) AS n FROM recon_seen s
+               WHERE j.order_no IS NOT NULL
+                 AND NOT coalesce(coalesce(j.a_created_at, o.created_at) >= $3
+                                  AND coalesce(j.a_created_at, o.created_at) < $4, false)
+                 AND s.funder_id = $1 AND s.business_day >= $5
+                 AND s.business_day < $6::date - 1 AND s.order_no = j.order_no) x
         """,
         funder_id,
         zone,
+        *bounds,
+        earlier_from,
+        day,
     )
     await conn.execute("CREATE INDEX ON recon_odd (i)")  # `odd_rows` reads it a page at a time
     # the listed orders' counts, from the statement's totals less what the odd orders hold:

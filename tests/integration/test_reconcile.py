@@ -627,6 +627,32 @@ async def test_a_payout_listed_again_on_a_later_day_is_a_duplicate(world: World)
     assert third.summary.matched.count == 1  # paid once, net: as we say
 
 
+async def test_a_repeat_payout_days_later_is_found_beyond_the_day_before(world: World) -> None:
+    """The match reads the day before's statement for every order, and the older ones only
+    for orders not sent that day: a repeat three days later, of ours or of an order we do not
+    know, is still a duplicate, and an order of the day is still a plain match."""
+    w = world
+    await w.record("AGAIN", "succeeded")
+    w.bank.add(D, "AGAIN", bank_ref="P1")
+    w.bank.add(D, "STRANGER", bank_ref="S1")  # not ours: missing at the gateway, on day D
+    later = D + timedelta(days=3)
+    w.bank.add(later, "AGAIN", bank_ref="P2")
+    w.bank.add(later, "STRANGER", bank_ref="S2")
+    await w.record("TODAY", "succeeded", day=later)
+    w.bank.add(later, "TODAY")
+
+    first = await reconcile_day(w.svc, "bank-a", D)
+    assert sorted(await w.breaks(first.run_id)) == [LEDGER_BREAK, "STRANGER/missing_at_gateway"]
+    again = await reconcile_day(w.svc, "bank-a", later)
+
+    assert sorted(await w.breaks(again.run_id)) == [
+        LEDGER_BREAK,
+        "AGAIN/duplicate_at_bank",
+        "STRANGER/duplicate_at_bank",
+    ]
+    assert again.summary.matched.count == 1  # TODAY
+
+
 async def test_listed_orders_are_kept_per_funder_and_day_and_dropped_after_the_window(
     world: World,
 ) -> None:
