@@ -3,6 +3,7 @@
     .venv/bin/pip install -e '.[bench]'
     .venv/bin/python bench/recon.py --lines 1000000 --lines 4000000
     .venv/bin/python bench/recon.py --lines 1000000 --rounds 3   # alternating, fresh copies
+    .venv/bin/python bench/recon.py --lines 1000000 --listed-days 7   # after a week of runs
 
 For each N: a fresh database gets N attempts of one funder on one day and a sandbox-CSV
 statement file of N lines with about 1 % of every break type (missing at the bank, missing at
@@ -62,14 +63,24 @@ def _peak_mb() -> float:
 
 
 async def prepare(
-    url: str, n: int, statement: Path, seed: int = 7, history_days: int = 0
+    url: str,
+    n: int,
+    statement: Path,
+    seed: int = 7,
+    history_days: int = 0,
+    listed_days: int = 0,
 ) -> dict[str, int]:
     """N attempts in the database and the statement file; the expected break counts. With
     `history_days`, as many attempts again on each of that many days before (all settled,
-    none on the statement): the funder's history a production run joins against."""
+    none on the statement): the funder's history a production run joins against.
+    With `listed_days`, the orders that many earlier statements listed (N each, written by
+    `record_seen` as those days' runs left them, the history's order numbers): what a
+    run looks back on for repeat payouts once the gateway has reconciled a week.
+    """
     import asyncpg
 
     from gateway.store import db
+    from gateway.store import recon_queries as rq
 
     rng = random.Random(seed)
     conn = await asyncpg.connect(url)
@@ -147,6 +158,16 @@ async def prepare(
                 when,
                 f"H{back}-%",
             )
+        for back in range(1, listed_days + 1):
+            async with conn.transaction():
+                await conn.execute(
+                    "CREATE TEMP VIEW recon_stage AS SELECT"
+                    f" ('HOH{back}-' || i)::text COLLATE \"C\" AS order_no,"
+                    " 'succeeded'::text AS status, 100000::bigint AS amount"
+                    f" FROM generate_series(1, {n}) AS i"
+                )
+                await rq.record_seen(conn, FUNDER, DAY - timedelta(days=back))
+                await conn.execute("DROP VIEW recon_stage")
         odd = [(i + 1, status[k]) for i, k in enumerate(kinds) if status[k] != "succeeded"]
         await conn.executemany("UPDATE attempts SET status = $2 WHERE id = $1", odd)
         await conn.executemany("UPDATE disbursements SET status = $2 WHERE id = $1", odd)
@@ -448,6 +469,13 @@ def main() -> int:
         help="also N settled attempts on each of that many earlier days (the funder's history)",
     )
     p.add_argument(
+        "--listed-days",
+        type=int,
+        default=0,
+        help="also the N orders listed by each of that many earlier statements (what a run\n"
+        "looks back on for repeat payouts; 7 is a week of nightly runs)",
+    )
+    p.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -475,7 +503,10 @@ def main() -> int:
             for n in sizes:
                 statement = work / f"statement-{n}.csv"
                 t = time.perf_counter()
-                expected = asyncio.run(prepare(url, n, statement, history_days=args.history_days))
+                expected = asyncio.run(
+                    prepare(url, n, statement, history_days=args.history_days,
+                            listed_days=args.listed_days)
+                )  # fmt: skip
                 print(f"N={n:,}: data ready in {time.perf_counter() - t:.1f} s", file=sys.stderr)
                 if args.rounds <= 1:
                     ours = contender("fundgate", url, statement, work)
