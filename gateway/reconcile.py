@@ -668,9 +668,7 @@ async def reconcile_day(
                     await rq.fail_run(conn, run_id, f"internal error: {type(e).__name__}: {e}")
                 raise
             lap("commit")
-            pruned = await rq.prune_seen(conn, funder_id, _keep_from(svc, day))
-            if pruned:
-                log.info("recon.seen_pruned", funder_id=funder_id, tables=pruned)
+            await _prune(conn, funder_id, _keep_from(svc, day))
             lap("prune")
             await _auto_resolve(svc, funder_id, day, run_id, summary)
             lap("auto_resolve")
@@ -702,6 +700,19 @@ async def reconcile_day(
     return RunResult(
         run_id, funder_id, day, "succeeded", None, summary, seconds, phases=lap.seconds
     )
+
+
+async def _prune(conn: q.Conn, funder_id: str, keep_from: date) -> None:
+    """Housekeeping after the run's commit: the funder's partitions of `recon_seen` no run
+    looks back on. A failure is logged and left to the next run; it never fails this one,
+    whose results are committed."""
+    try:
+        pruned = await rq.prune_seen(conn, funder_id, keep_from)
+    except asyncpg.PostgresError as e:
+        log.error("recon.prune_failed", funder_id=funder_id, error=str(e))
+        return
+    if pruned:
+        log.info("recon.seen_pruned", funder_id=funder_id, tables=pruned)
 
 
 def _observe(

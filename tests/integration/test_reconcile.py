@@ -22,6 +22,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
+from structlog.testing import capture_logs
 
 from config.models import FileConfig, StatementConfig
 from connectors.base import StatementLine
@@ -703,6 +704,30 @@ async def test_pruning_reads_no_other_relation_name_as_a_day(world: World) -> No
         assert await rq.prune_seen(conn, "bank-a", D) == []  # nothing older than D
         dropped = await rq.prune_seen(conn, "bank-a", D + timedelta(days=1))
         assert dropped == [await conn.fetchval("SELECT recon_seen_partition('bank-a', $1)", D)]
+
+
+async def test_a_failed_pruning_is_logged_and_does_not_fail_the_committed_run(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = world
+    await w.record("PAID", "succeeded")
+    w.bank.add(D, "PAID")
+
+    async def broken(*_: object) -> list[str]:
+        raise asyncpg.exceptions.InvalidDatetimeFormatError("invalid value for YYYY")
+
+    monkeypatch.setattr(rq, "prune_seen", broken)
+    with capture_logs() as logs:
+        result = await reconcile_day(w.svc, "bank-a", D)
+    assert result.ok
+    assert result.summary.matched.count == 1
+    assert [e["error"] for e in logs if e["event"] == "recon.prune_failed"] == [
+        "invalid value for YYYY"
+    ]
+    async with w.pool.acquire() as conn:
+        run = await rq.get_run(conn, result.run_id)
+    assert run is not None
+    assert run["status"] == "succeeded"
 
 
 async def test_order_numbers_beyond_ascii_are_matched_remembered_and_found_late(
