@@ -161,6 +161,15 @@ def test_bombs_and_truncated_statements_are_refused(doc: bytes) -> None:
         list(camt053.parse_camt053([doc[:40], doc[40:]]))
 
 
+def test_a_declaration_across_two_pieces_of_one_long_line_is_refused() -> None:
+    head = b'<?xml version="1.0"?>'
+    pad = b" " * (camt053.PIECE_BYTES - 4 - len(head))  # "<!DO" ends the first piece
+    doc = head + pad + b'<!DOCTYPE Document SYSTEM "http://127.0.0.1:9/x.dtd"><Document/>\n'
+    with pytest.raises(StatementError, match="DOCTYPE") as refused:
+        list(camt053.parse_camt053([doc]))
+    assert refused.value.line == 1
+
+
 def test_xml_bomb_is_refused_before_parsing() -> None:
     with pytest.raises(wire.WireFormatError, match="DOCTYPE"):
         wire.parse_xml(BOMB)
