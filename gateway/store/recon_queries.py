@@ -845,11 +845,54 @@ async def save_ledger_break(
 
 
 async def auto_pending(conn: Conn, run_id: int) -> list[asyncpg.Record]:
+    """The run's breaks awaiting their automatic resolution, with what it needs of them."""
     return await conn.fetch(
-        "SELECT id, attempt_id FROM recon_breaks WHERE run_id = $1 AND status = 'auto_pending'"
-        " ORDER BY attempt_id",
+        """SELECT id, attempt_id, order_no, type, bank_ref, line_no, our_amount, evidence
+             FROM recon_breaks WHERE run_id = $1 AND status = 'auto_pending'
+            ORDER BY attempt_id""",
         run_id,
     )
+
+
+async def settle_auto(
+    conn: Conn,
+    break_id: int,
+    *,
+    status: str,
+    reason: str | None,
+    note: str | None,
+    at: datetime | None,
+    voucher: str | None,
+    txn_no: str | None,
+) -> bool:
+    """One statement for an `auto_pending` break: its new status (`auto_resolved` with the
+    note and time, or `open` with the reason when a person must decide) and, when resolved,
+    its `recon.auto_resolved` voucher (`voucher`, canonical JSON). False, with nothing
+    written, when the break is no longer `auto_pending`."""
+    n = await conn.fetchval(
+        """
+        WITH b AS (
+            UPDATE recon_breaks
+               SET status = $2, reason = coalesce($3, reason), note = coalesce($4, note),
+                   resolution = CASE WHEN $2 = 'auto_resolved' THEN 'auto' END,
+                   resolved_by = CASE WHEN $2 = 'auto_resolved' THEN 'reconciliation' END,
+                   resolved_at = $5, updated_at = now()
+             WHERE id = $1 AND status = 'auto_pending'
+            RETURNING id),
+        v AS (
+            INSERT INTO voucher_events (kind, txn_no, event)
+            SELECT 'recon.auto_resolved', $7, $6 FROM b WHERE $6::text IS NOT NULL)
+        SELECT count(*) FROM b
+        """,
+        break_id,
+        status,
+        reason,
+        note,
+        at,
+        voucher,
+        txn_no,
+    )
+    return bool(n)
 
 
 async def lock_break(conn: Conn, break_id: int) -> asyncpg.Record | None:

@@ -25,9 +25,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from structlog.testing import capture_logs
 
 from config.models import FileConfig, StatementConfig
-from connectors.base import StatementLine
+from connectors.base import BankStatus, StatementLine
 from connectors.errors import OutcomeUnknown
-from gateway import ledger
+from gateway import ledger, outcomes
 from gateway.app import create_app
 from gateway.context import Services
 from gateway.metrics import Metrics
@@ -418,6 +418,83 @@ async def test_automatic_resolutions_run_a_few_at_once_and_apply_each_exactly_on
         assert await conn.fetchval("SELECT count(*) FROM outbox WHERE kind = 'webhook'") == (
             webhooks
         )
+
+
+async def test_an_attempt_that_moved_after_it_was_read_is_decided_again_under_its_lock(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The automatic resolutions read their attempts without a lock; a bank callback that
+    lands between that read and the resolution wins, and the resolution records what it
+    found instead of moving the order a second time."""
+    import gateway.reconcile as reconcile
+
+    w = world
+    await w.record("RACE", "unknown")
+    w.bank.add(D, "RACE")
+    await w.record("CALM", "unknown")
+    w.bank.add(D, "CALM")
+    real = reconcile._auto_resolve_one
+
+    async def callback_first(*args: Any) -> None:
+        brk = args[5]
+        if brk["order_no"] == "RACE":  # the attempt was read as unknown; the callback lands
+            async with w.pool.acquire() as conn, conn.transaction():
+                a = await q.lock_attempt(conn, brk["attempt_id"])
+                assert a is not None
+                assert await outcomes.apply_bank_status(
+                    conn, w.svc, a, BankStatus.SUCCEEDED, bank_ref="CB", source="callback"
+                )
+        await real(*args)
+
+    monkeypatch.setattr(reconcile, "_auto_resolve_one", callback_first)
+    result = await reconcile_day(w.svc, "bank-a", D, trigger="test")
+
+    assert result.ok, result.error
+    assert await w.status("RACE") == ("succeeded", "succeeded")
+    assert await w.status("CALM") == ("succeeded", "succeeded")
+    breaks = await w.breaks(result.run_id)
+    race = breaks["RACE/status_mismatch_bank_succeeded"]
+    assert race["status"] == "auto_resolved"
+    assert race["note"] == "already succeeded when the run applied the statement"
+    assert breaks["CALM/status_mismatch_bank_succeeded"]["note"].startswith("set to succeeded")
+    async with w.pool.acquire() as conn:
+        moved = await conn.fetch(
+            "SELECT txn_no, event::jsonb->>'source' AS source FROM voucher_events"
+            " WHERE kind = 'disbursement.succeeded' ORDER BY txn_no"
+        )
+    # one move each: the callback's for RACE, the statement's for CALM
+    assert [(v["txn_no"], v["source"]) for v in moved] == [
+        ("TCALM", "reconciliation"),
+        ("TRACE", "callback"),
+    ]
+
+
+async def test_a_break_resolved_meanwhile_takes_its_move_back(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.reconcile as reconcile
+
+    w = world
+    await w.record("GONE", "unknown")
+    w.bank.add(D, "GONE")
+    real = reconcile._auto_resolve_one
+
+    async def resolved_first(*args: Any) -> None:
+        async with w.pool.acquire() as conn:
+            await conn.execute("UPDATE recon_breaks SET status = 'resolved' WHERE id = $1",
+                               args[5]["id"])  # fmt: skip
+        await real(*args)
+
+    monkeypatch.setattr(reconcile, "_auto_resolve_one", resolved_first)
+    with capture_logs() as logs:
+        result = await reconcile_day(w.svc, "bank-a", D, trigger="test")
+
+    assert result.ok, result.error
+    assert await w.status("GONE") == ("unknown", "unknown")  # the move rolled back with it
+    assert [e["event"] for e in logs if e["event"].startswith("recon.auto_")] == [
+        "recon.auto_skipped"
+    ]
+    assert not result.summary.auto_resolved["status_mismatch_bank_succeeded"].count
 
 
 # ---------------------------------------------------------------- idempotence
