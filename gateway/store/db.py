@@ -105,10 +105,21 @@ async def _reset(conn: asyncpg.Connection) -> None:
         await conn.execute(conn.get_reset_query())
 
 
-async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
+# what a query may take before the client cancels it: requests and workers wait no longer
+# (a nightly reconciliation's own statements set theirs: `recon_queries.RUN_TIMEOUT`)
+COMMAND_TIMEOUT_SECONDS = 30.0
+
+
+async def create_pool(
+    url: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 20,
+    command_timeout: float = COMMAND_TIMEOUT_SECONDS,
+) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=30,
-        reset=_reset,
+        url, min_size=min_size, max_size=max_size, init=_init_connection,
+        command_timeout=command_timeout, reset=_reset,
     )  # fmt: skip
     assert pool is not None
     return pool

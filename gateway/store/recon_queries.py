@@ -177,7 +177,9 @@ async def create_stage(conn: Conn, run_id: int) -> None:
 
 async def copy_stage(conn: Conn, run_id: int, records: AsyncIterable[tuple[Any, ...]]) -> None:
     table = _run_table("lines", run_id)
-    await conn.copy_records_to_table(table, records=records, columns=STAGE_COLUMNS)
+    await conn.copy_records_to_table(
+        table, records=records, columns=STAGE_COLUMNS, timeout=RUN_TIMEOUT
+    )
     # statistics before the joins: without them a new table looks like a few hundred orders,
     # and a million index look-ups into `attempts` replace one hash join
     await _analyze_sampled(conn, table)
@@ -218,7 +220,12 @@ async def copy_raw(conn: Conn, run_id: int, source: AsyncIterable[bytes]) -> int
     the amounts (a line with another field count, or an amount that is no integer, raises).
     Returns the rows."""
     status = await conn.copy_to_table(
-        _run_table("raw", run_id), source=source, columns=RAW_COLUMNS, format="csv", header=True
+        _run_table("raw", run_id),
+        source=source,
+        columns=RAW_COLUMNS,
+        format="csv",
+        header=True,
+        timeout=RUN_TIMEOUT,
     )
     return int(status.split()[-1])
 
@@ -249,7 +256,8 @@ async def stage_raw(conn: Conn, run_id: int) -> StageTotals | None:
                        sum(CASE status WHEN 'SUCCESS' THEN amount WHEN 'REVERSED' THEN -amount
                                        ELSE 0 END) AS paid
                   FROM {raw} GROUP BY finished_at OFFSET 0) t
-        """
+        """,
+        timeout=RUN_TIMEOUT,
     )
     assert row is not None
     if row["odd"]:
@@ -276,6 +284,12 @@ async def drop_stage(conn: Conn, run_id: int) -> None:
     tables = ", ".join(_run_table(kind, run_id) for kind in get_args(RunTable))
     await conn.execute(f"DROP TABLE IF EXISTS {tables}")
 
+
+# A run's own statements wait this long before the client cancels them, not the pool's
+# `command_timeout` (30 s, for requests): staging lasts as long as the statement takes to
+# arrive and be parsed (a million camt.053 entries take about a minute to parse), and the
+# grouping, the match and the breaks as long as the data.
+RUN_TIMEOUT = 6 * 3600.0
 
 # the run's transaction: its hash aggregate and joins over a million orders spill to disk at
 # PostgreSQL's 4 MB default; SET LOCAL ends with the transaction
@@ -317,7 +331,8 @@ async def duplicate_line(conn: Conn) -> tuple[int, int] | None:
             HAVING count(*) > 1) d
          WHERE EXISTS (SELECT 1 FROM recon_odd WHERE repeats)
          ORDER BY lines[2] LIMIT 1
-        """
+        """,
+        timeout=RUN_TIMEOUT,
     )
     return None if row is None else (row["first"], row["repeat"])
 
@@ -440,6 +455,7 @@ async def match(
         run_id,
         *bounds,
         sent_from,
+        timeout=RUN_TIMEOUT,
     )
     await conn.execute(
         f"""
@@ -475,8 +491,10 @@ async def match(
         *bounds,
         earlier_from,
         day,
+        timeout=RUN_TIMEOUT,
     )
-    await conn.execute("CREATE INDEX ON recon_odd (i)")  # `odd_rows` reads it a page at a time
+    # `odd_rows` reads it a page at a time
+    await conn.execute("CREATE INDEX ON recon_odd (i)", timeout=RUN_TIMEOUT)
     # the listed orders' counts, from the statement's totals less what the odd orders hold:
     # every order on several lines is odd, so the rest of the amount is that of the orders on
     # one line, and the plain matches are those of them that are not odd
@@ -484,7 +502,8 @@ async def match(
         """SELECT count(*) AS n,
                   coalesce(sum(amount_min) FILTER (WHERE lines = 1), 0)::bigint AS single,
                   coalesce(sum(amount_sum) FILTER (WHERE lines > 1), 0)::bigint AS several
-             FROM recon_odd WHERE line_no IS NOT NULL"""
+             FROM recon_odd WHERE line_no IS NOT NULL""",
+        timeout=RUN_TIMEOUT,
     )
     assert row is not None
     return Totals(
@@ -531,6 +550,7 @@ async def odd_rows(conn: Conn, after: int, limit: int) -> list[asyncpg.Record]:
             ORDER BY o.i""",
         after,
         limit,
+        timeout=RUN_TIMEOUT,
     )
 
 
@@ -574,18 +594,21 @@ async def record_seen(conn: Conn, funder_id: str, day: date) -> int:
     if row["exists"]:
         await conn.execute(f"TRUNCATE {table}")
         status = await conn.execute(
-            f"INSERT INTO {table} {_SEEN_COLUMNS} {_SEEN_ROWS}", funder_id, day
+            f"INSERT INTO {table} {_SEEN_COLUMNS} {_SEEN_ROWS}", funder_id, day, timeout=RUN_TIMEOUT
         )
         await _analyze_sampled(conn, table)
         return int(status.split()[-1])
-    status = await conn.execute(f"CREATE TABLE {table} AS {_SEEN_ROWS}", funder_id, day)
+    status = await conn.execute(
+        f"CREATE TABLE {table} AS {_SEEN_ROWS}", funder_id, day, timeout=RUN_TIMEOUT
+    )
     # the parent's constraints, in one pass over the table (attaching requires them), and
     # one that implies the partition's bounds, checked in the same pass: attaching then
     # trusts it instead of scanning the table again
     await conn.execute(
         f"""ALTER TABLE {table} ALTER lines SET NOT NULL, ALTER paid SET NOT NULL,
                 ALTER amount SET NOT NULL, ADD {row["bounds"]},
-                ADD PRIMARY KEY (order_no, funder_id, business_day)"""
+                ADD PRIMARY KEY (order_no, funder_id, business_day)""",
+        timeout=RUN_TIMEOUT,
     )
     await conn.execute(row["attach"])  # the key above becomes the partition's part of the parent's
     await _analyze_sampled(conn, table)
@@ -600,7 +623,7 @@ async def _analyze_sampled(conn: Conn, table: str) -> None:
     that order numbers are (nearly) unique, which 3,000 rows tell as well as the default
     30,000: ANALYZE of a million staged lines took 0.1 s, now 0.02 s."""
     await conn.execute("SET LOCAL default_statistics_target = 10")
-    await conn.execute(f"ANALYZE {table}")
+    await conn.execute(f"ANALYZE {table}", timeout=RUN_TIMEOUT)
     await conn.execute("SET LOCAL default_statistics_target TO DEFAULT")
 
 
@@ -659,6 +682,7 @@ async def sweep_pending(conn: Conn, funder_id: str, day: date, keep_from: date) 
         """,
         funder_id,
         day,
+        timeout=RUN_TIMEOUT,
     )
     await conn.execute(
         """
@@ -668,11 +692,13 @@ async def sweep_pending(conn: Conn, funder_id: str, day: date, keep_from: date) 
         """,
         funder_id,
         day,
+        timeout=RUN_TIMEOUT,
     )
     await conn.execute(
         "DELETE FROM recon_pending WHERE funder_id = $1 AND expected_day < $2",
         funder_id,
         keep_from,
+        timeout=RUN_TIMEOUT,
     )
 
 
@@ -692,6 +718,7 @@ async def absent(conn: Conn, funder_id: str, day: date, since: date) -> list[asy
         funder_id,
         day,
         since,
+        timeout=RUN_TIMEOUT,
     )
 
 
@@ -743,6 +770,7 @@ async def close_found_late(conn: Conn, funder_id: str, run_id: int, day: date) -
         funder_id,
         run_id,
         day,
+        timeout=RUN_TIMEOUT,
     )
     return int(status.split()[-1])
 
@@ -764,7 +792,9 @@ async def create_new_breaks(conn: Conn) -> None:
 
 
 async def copy_new_breaks(conn: Conn, rows: Iterable[tuple[Any, ...]]) -> None:
-    await conn.copy_records_to_table("recon_new_breaks", records=rows, columns=BREAK_COLUMNS)
+    await conn.copy_records_to_table(
+        "recon_new_breaks", records=rows, columns=BREAK_COLUMNS, timeout=RUN_TIMEOUT
+    )
 
 
 async def save_breaks(conn: Conn, run_id: int, funder_id: str, day: date) -> None:
@@ -777,7 +807,7 @@ async def save_breaks(conn: Conn, run_id: int, funder_id: str, day: date) -> Non
     if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM recon_breaks WHERE run_id = $1)",
                                run_id):  # fmt: skip
         # the day's first run (the run lock keeps others out): a plain insert, no conflicts
-        await conn.execute(insert, run_id, funder_id, day)
+        await conn.execute(insert, run_id, funder_id, day, timeout=RUN_TIMEOUT)
         return
     # first what an earlier run of the day found and this one does not, then the upsert,
     # which never touches those
@@ -790,6 +820,7 @@ async def save_breaks(conn: Conn, run_id: int, funder_id: str, day: date) -> Non
                             WHERE n.order_no = r.order_no AND n.type = r.type)
         """,
         run_id,
+        timeout=RUN_TIMEOUT,
     )
     updates = ", ".join(
         f"{c} = EXCLUDED.{c}" for c in BREAK_COLUMNS if c not in ("order_no", "type", "status")
@@ -805,6 +836,7 @@ async def save_breaks(conn: Conn, run_id: int, funder_id: str, day: date) -> Non
         run_id,
         funder_id,
         day,
+        timeout=RUN_TIMEOUT,
     )
 
 

@@ -39,6 +39,7 @@ from gateway.reconcile import (
     run_due,
     run_scheduler,
 )
+from gateway.store import db
 from gateway.store import queries as q
 from gateway.store import recon_queries as rq
 from tests.integration.conftest import AUTH, make_config
@@ -495,6 +496,43 @@ async def test_a_break_resolved_meanwhile_takes_its_move_back(
         "recon.auto_skipped"
     ]
     assert not result.summary.auto_resolved["status_mismatch_bank_succeeded"].count
+
+
+@dataclass
+class SlowStatementBank(StatementBank):
+    """Its statement's lines come `pause` seconds apart, as a big download or a slow parser
+    delivers them."""
+
+    pause: float = 0.0
+
+    async def fetch_statement(self, day: date) -> AsyncIterator[StatementLine]:
+        async for line in super().fetch_statement(day):
+            await asyncio.sleep(self.pause)
+            yield line
+
+
+async def test_a_statement_slower_than_the_pools_request_timeout_is_still_reconciled(
+    clean_db: str, http: httpx.AsyncClient
+) -> None:
+    """The pool cancels a query after `command_timeout` (30 s: meant for requests). Staging
+    lasts as long as the statement takes to arrive and be parsed (a million camt.053 entries
+    take about a minute to parse), and a run's big statements as long as its data: they set
+    their own timeout. Here the pool's is 1 s and the statement takes 1.8 s to arrive."""
+    pool = await db.create_pool(clean_db, min_size=1, max_size=4, command_timeout=1.0)
+    try:
+        banks = {f: SlowStatementBank(f, pause=0.6) for f in ("bank-a", "bank-b")}
+        now = [at(D + timedelta(days=1), 3)]
+        w = World(services(pool, config(), dict(banks), now, http), pool, dict(banks), now)
+        for order_no in ("S1", "S2", "S3"):
+            await w.record(order_no, "succeeded")
+            w.bank.add(D, order_no)
+
+        result = await reconcile_day(w.svc, "bank-a", D)
+
+        assert result.ok, result.error
+        assert result.summary.matched.count == 3
+    finally:
+        await pool.close()
 
 
 # ---------------------------------------------------------------- idempotence
