@@ -79,6 +79,7 @@ EARLIER_DAYS = 7
 # before the statement day on, and looks up an older order by its number, one by one
 HASHED_DAYS_BEFORE = 1
 ODD_PAGE = 5000  # orders read back per round trip for one-by-one classification
+ABSENT_PAGE = 5000  # orders no statement has listed yet, read back per round trip
 # automatic resolutions applied at once, each its own transaction on its own connection: a
 # resolution is a handful of short round trips, so a few overlap their waits
 AUTO_WORKERS = 4
@@ -373,6 +374,55 @@ def _classify_page(rows: list[Any], day: date, summary: Summary) -> list[tuple[A
     return batch
 
 
+async def _absent_page(
+    conn: q.Conn,
+    funder_id: str,
+    run_id: int,
+    day: date,
+    window: int,
+    rows: list[Any],
+    summary: Summary,
+) -> list[tuple[Any, ...]]:
+    """A page of the orders no statement has listed yet (`rq.absent`), classified and counted
+    into `summary`; the rows of their breaks (`BREAK_COLUMNS` order)."""
+    decided = [
+        (r, classify_absent(Ours(r["our_status"], r["our_amount"], r["expected_day"]), day, window))
+        for r in rows
+    ]
+    missing = [r["order_no"] for r, d in decided if d.type is BreakType.MISSING_AT_BANK]
+    already = await rq.missing_reported_elsewhere(conn, funder_id, run_id, missing)
+    batch = []
+    for r, d in decided:
+        if d.type is BreakType.MISSING_AT_BANK and r["order_no"] in already:
+            continue  # reported by the run of an earlier day: never twice
+        summary.count(d, r["our_amount"])
+        if d.verdict is Verdict.PENDING and r["expected_day"] == day:
+            if r["our_status"] == "succeeded":  # settled in the ledger, not listed yet
+                summary.ledger.awaiting += r["our_amount"]
+        if d.is_break:
+            batch.append(
+                _break_row(
+                    d,
+                    r["order_no"],
+                    attempt_id=r["attempt_id"],
+                    txn_no=r["txn_no"],
+                    our_status=r["our_status"],
+                    our_amount=r["our_amount"],
+                    bank_status=None,
+                    bank_amount=None,
+                    bank_ref=None,
+                    bank_lines=0,
+                    line_no=None,
+                    evidence={
+                        "expected_day": r["expected_day"].isoformat(),
+                        "statement_day": day.isoformat(),
+                        "window_days": window,
+                    },
+                )
+            )
+    return batch
+
+
 async def _classify(
     conn: q.Conn,
     svc: Services,
@@ -439,44 +489,13 @@ async def _classify(
     await rq.close_found_late(conn, funder.id, run_id, day)
     lap("found_late")
 
-    absent = await rq.absent(conn, funder.id, day, day - timedelta(days=window + EARLIER_DAYS))
-    decided = [
-        (r, classify_absent(Ours(r["our_status"], r["our_amount"], r["expected_day"]), day, window))
-        for r in absent
-    ]
-    missing = [r["order_no"] for r, d in decided if d.type is BreakType.MISSING_AT_BANK]
-    already = await rq.missing_reported_elsewhere(conn, funder.id, run_id, missing)
-    batch = []
-    for r, d in decided:
-        if d.type is BreakType.MISSING_AT_BANK and r["order_no"] in already:
-            continue  # reported by the run of an earlier day: never twice
-        summary.count(d, r["our_amount"])
-        if d.verdict is Verdict.PENDING and r["expected_day"] == day:
-            if r["our_status"] == "succeeded":  # settled in the ledger, not listed yet
-                summary.ledger.awaiting += r["our_amount"]
-        if d.is_break:
-            batch.append(
-                _break_row(
-                    d,
-                    r["order_no"],
-                    attempt_id=r["attempt_id"],
-                    txn_no=r["txn_no"],
-                    our_status=r["our_status"],
-                    our_amount=r["our_amount"],
-                    bank_status=None,
-                    bank_amount=None,
-                    bank_ref=None,
-                    bank_lines=0,
-                    line_no=None,
-                    evidence={
-                        "expected_day": r["expected_day"].isoformat(),
-                        "statement_day": day.isoformat(),
-                        "window_days": window,
-                    },
-                )
-            )
-    if batch:
-        await rq.copy_new_breaks(conn, batch)
+    since = day - timedelta(days=window + EARLIER_DAYS)
+    after = None
+    while absent := await rq.absent(conn, funder.id, day, since, after, ABSENT_PAGE):
+        after = absent[-1]["order_no"]
+        batch = await _absent_page(conn, funder.id, run_id, day, window, absent, summary)
+        if batch:
+            await rq.copy_new_breaks(conn, batch)
     lap("absent")
     await rq.save_breaks(conn, run_id, funder.id, day)
     await rq.drop_stage(conn, run_id)
@@ -505,20 +524,21 @@ async def _auto_resolve(
     are locked in the one order every limit-moving transaction uses (`outcomes.move`), and
     none depends on another's outcome.
 
-    The attempts are read without a lock, `AUTO_CHUNK` at a time in one query, and each
+    The breaks and their attempts are read `AUTO_CHUNK` at a time (memory stays flat when
+    an outage leaves thousands unknown), the attempts without a lock, and each
     move is written only if its attempt is still as read (`fg_move` locks it and checks);
     an attempt that moved meanwhile, or whose answer writes nothing, is decided again under
     its lock. A resolution is then four round trips instead of seven."""
-    async with svc.pool.acquire() as conn:
-        pending = await rq.auto_pending(conn, run_id)
-    if not pending:
-        return
     # the caller holds one connection of the pool for the run: leave it one to spare
-    workers = max(1, min(AUTO_WORKERS, svc.pool.get_max_size() - 1, len(pending)))
-    for start in range(0, len(pending), AUTO_CHUNK):
-        chunk = pending[start : start + AUTO_CHUNK]
+    workers = max(1, min(AUTO_WORKERS, svc.pool.get_max_size() - 1))
+    after = 0
+    while True:
         async with svc.pool.acquire() as conn:
+            chunk = await rq.auto_pending(conn, run_id, after, AUTO_CHUNK)
+            if not chunk:
+                return
             attempts = await q.load_attempts(conn, [b["attempt_id"] for b in chunk])
+        after = chunk[-1]["id"]
         queue = iter(chunk)
 
         async def work(queue: Iterator[Any] = queue, attempts: dict[int, Any] = attempts) -> None:

@@ -702,8 +702,12 @@ async def sweep_pending(conn: Conn, funder_id: str, day: date, keep_from: date) 
     )
 
 
-async def absent(conn: Conn, funder_id: str, day: date, since: date) -> list[asyncpg.Record]:
-    """Orders of ours from `since` to `day` that no statement up to `day` has listed."""
+async def absent(
+    conn: Conn, funder_id: str, day: date, since: date, after: str | None, limit: int
+) -> list[asyncpg.Record]:
+    """Orders of ours from `since` to `day` that no statement up to `day` has listed, a page
+    at a time in order-number order (the pool's key: a page never sorts the whole pool, which
+    holds a whole day when a bank leaves one out), from the one after `after`."""
     return await conn.fetch(
         """
         SELECT p.order_no, p.expected_day, a.id AS attempt_id, a.status AS our_status,
@@ -713,11 +717,15 @@ async def absent(conn: Conn, funder_id: str, day: date, since: date) -> list[asy
           JOIN disbursements d ON d.id = a.disbursement_id
          WHERE p.funder_id = $1 AND p.expected_day <= $2 AND p.expected_day >= $3
            AND (p.seen_day IS NULL OR p.seen_day > $2)
-         ORDER BY p.expected_day, p.order_no
+           AND ($4::text IS NULL OR p.order_no > $4)
+         ORDER BY p.order_no
+         LIMIT $5
         """,
         funder_id,
         day,
         since,
+        after,
+        limit,
         timeout=RUN_TIMEOUT,
     )
 
@@ -876,13 +884,17 @@ async def save_ledger_break(
     )
 
 
-async def auto_pending(conn: Conn, run_id: int) -> list[asyncpg.Record]:
-    """The run's breaks awaiting their automatic resolution, with what it needs of them."""
+async def auto_pending(conn: Conn, run_id: int, after: int, limit: int) -> list[asyncpg.Record]:
+    """The run's breaks awaiting their automatic resolution, with what it needs of them, a
+    page at a time in id order from the one after `after` (a run writes its breaks together,
+    so the primary key reads a page without sorting the rest)."""
     return await conn.fetch(
         """SELECT id, attempt_id, order_no, type, bank_ref, line_no, our_amount, evidence
-             FROM recon_breaks WHERE run_id = $1 AND status = 'auto_pending'
-            ORDER BY attempt_id""",
+             FROM recon_breaks WHERE run_id = $1 AND status = 'auto_pending' AND id > $2
+            ORDER BY id LIMIT $3""",
         run_id,
+        after,
+        limit,
     )
 
 

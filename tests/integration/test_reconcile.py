@@ -302,6 +302,39 @@ async def test_every_break_type_is_found_and_plain_matches_are_counted(world: Wo
     assert bank.fetched == [D]
 
 
+async def test_the_unlisted_orders_and_the_resolutions_are_read_a_page_at_a_time(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages of one: every order no statement listed and every automatic resolution is read
+    back exactly once, and an order reported missing by an earlier day's run is not reported
+    again on a later page."""
+    import gateway.reconcile as reconcile
+
+    monkeypatch.setattr(reconcile, "ABSENT_PAGE", 1)
+    monkeypatch.setattr(reconcile, "AUTO_CHUNK", 1)
+    w = with_window(world, 0)
+    for order_no in ("M1", "M2", "M3"):
+        await w.record(order_no, "succeeded")  # never listed: missing at the bank
+    for order_no in ("U1", "U2", "U3"):
+        await w.record(order_no, "unknown")
+        w.bank.add(D, order_no)  # the bank paid: resolved through the state machine
+
+    first = await reconcile_day(w.svc, "bank-a", D)
+    later = await reconcile_day(w.svc, "bank-a", D + timedelta(days=1))
+
+    assert first.ok, first.error
+    assert first.summary.breaks["missing_at_bank"].count == 3
+    assert first.summary.auto_resolved["status_mismatch_bank_succeeded"].count == 3
+    assert [await w.status(o) for o in ("U1", "U2", "U3")] == [("succeeded", "succeeded")] * 3
+    assert sorted(k for k in await w.breaks(first.run_id) if "missing" in k) == [
+        "M1/missing_at_bank",
+        "M2/missing_at_bank",
+        "M3/missing_at_bank",
+    ]
+    assert later.ok, later.error
+    assert not later.summary.breaks["missing_at_bank"].count  # reported once, by day D
+
+
 async def test_unknown_and_processing_orders_are_resolved_by_the_statement(world: World) -> None:
     w = world
     await w.record("U1", "unknown")
