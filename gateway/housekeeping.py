@@ -17,11 +17,23 @@ log = structlog.get_logger("fundgate.housekeeping")
 HOUSEKEEPING_SECONDS = 5.0
 # a bank signs a callback at most 300 s before we see it; keep nonces well past that
 NONCE_RETENTION_SECONDS = 900
+# nonces forgotten per refresh at most (a refresh runs every few seconds in every process)
+NONCE_PURGE_BATCH = 50_000
+
+
+async def forget_nonces(svc: Services) -> None:
+    """Old callback nonces deleted, a batch per refresh; a failure is logged and never keeps
+    the gauges from being refreshed."""
+    try:
+        async with svc.pool.acquire() as conn:
+            await q.forget_nonces(conn, NONCE_RETENTION_SECONDS, NONCE_PURGE_BATCH)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        log.warning("housekeeping.nonces_failed", error=str(e))
 
 
 async def refresh(svc: Services) -> None:
+    await forget_nonces(svc)
     async with svc.pool.acquire() as conn:
-        await q.forget_nonces(conn, NONCE_RETENTION_SECONDS)
         stats = await q.outbox_stats(conn)
         usage = await q.usage(conn, svc.business_day())
         prefund = await q.prefund_balances(conn)

@@ -579,11 +579,19 @@ async def remember_nonce(conn: Conn, funder_id: str, nonce: str) -> bool:
     return row is not None
 
 
-async def forget_nonces(conn: Conn, older_than_seconds: float) -> None:
-    await conn.execute(
-        "DELETE FROM callback_nonces WHERE seen_at < now() - make_interval(secs => $1)",
+async def forget_nonces(conn: Conn, older_than_seconds: float, limit: int) -> int:
+    """Delete up to `limit` nonces older than `older_than_seconds`; how many went. Bounded so
+    that a backlog (after the purge failed for a while) is worked off over a few calls instead
+    of one statement that outlasts the pool's timeout every time."""
+    status = await conn.execute(
+        """DELETE FROM callback_nonces
+            WHERE ctid = ANY(ARRAY(SELECT ctid FROM callback_nonces
+                                    WHERE seen_at < now() - make_interval(secs => $1)
+                                    LIMIT $2))""",
         float(older_than_seconds),
+        limit,
     )
+    return int(status.split()[-1])
 
 
 # ---------------------------------------------------------------- vouchers
