@@ -51,11 +51,16 @@ async def pending(conn: Conn) -> list[Migration]:
     return [m for m in migrations() if m.version not in done]
 
 
+# A migration (an index built over a large table) and the wait for another process's
+# migrations take as long as they take: not the pool's `command_timeout`, meant for requests
+MIGRATION_TIMEOUT = 24 * 3600.0
+
+
 async def migrate(conn: Conn) -> list[Migration]:
     """Apply every pending migration, each in its own transaction; returns those applied."""
     applied: list[Migration] = []
     holds_session_state(conn)
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY, timeout=MIGRATION_TIMEOUT)
     try:
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -64,7 +69,7 @@ async def migrate(conn: Conn) -> list[Migration]:
         )
         for m in await pending(conn):
             async with conn.transaction():
-                await conn.execute(m.sql)
+                await conn.execute(m.sql, timeout=MIGRATION_TIMEOUT)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
                     m.version,

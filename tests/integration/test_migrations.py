@@ -112,3 +112,33 @@ async def test_readyz_is_503_while_a_migration_is_pending(start_gateway: StartGa
                 last.name,
             )
     assert (await h.client.get("/readyz")).status == 200
+
+
+@pytest.mark.asyncio
+async def test_a_long_migration_and_the_wait_for_another_outlast_the_pools_query_timeout(
+    clean_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool cancels a query after `command_timeout` (30 s, for requests). A migration
+    that builds an index over a large table, and a process waiting for another's migrations,
+    take longer: here the pool's timeout is 0.5 s, a migration sleeps 1 s, and the lock is
+    held by another connection for 1 s first."""
+    slow = db.Migration(9999, "slow", "SELECT pg_sleep(1)")
+    monkeypatch.setattr(db, "migrations", lambda: [slow])
+    pool = await db.create_pool(clean_db, min_size=1, max_size=2, command_timeout=0.5)
+    holder = await asyncpg.connect(clean_db)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", db.MIGRATION_LOCK_KEY)
+
+        async def release_later() -> None:
+            await asyncio.sleep(1)
+            await holder.execute("SELECT pg_advisory_unlock($1)", db.MIGRATION_LOCK_KEY)
+
+        releasing = asyncio.create_task(release_later())
+        async with pool.acquire() as conn:
+            applied = await db.migrate(conn)
+        await releasing
+        assert applied == [slow]
+    finally:
+        await holder.execute("DELETE FROM schema_migrations WHERE version = 9999")
+        await holder.close()
+        await pool.close()
