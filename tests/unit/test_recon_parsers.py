@@ -14,6 +14,7 @@ import pytest
 
 from config.models import StatementConfig
 from connectors.base import StatementLine
+from connectors.iso20022 import camt053
 from reconciliation.errors import StatementError
 from reconciliation.parsers import identity, parse, without_duplicates
 
@@ -231,6 +232,25 @@ def test_camt053_booking_time_and_bank_reference() -> None:
     assert v8.bank_ref == "AAAASESS-FP-CN_98765/01"
     (_, v2), = parse(camt("camt053.v2.five.decimals.xml"), "camt053")  # fmt: skip
     assert v2.booked_at == datetime(2014, 12, 31, tzinfo=ZONE)
+
+
+def test_a_camt053_file_written_on_one_line_is_read_in_pieces() -> None:
+    """A file is read a line at a time; a statement without line ends comes in pieces of
+    `PIECE_BYTES`, never whole, and gives the same lines."""
+    doc = b"".join(camt("camt053.v2.multi.statement.xml"))
+    one_line = doc.replace(b"\n", b" ").replace(b"\r", b" ")
+    padded = one_line.replace(b"<Stmt>", b"<Stmt>" + b" " * (3 * camt053.PIECE_BYTES), 1)
+    sizes: list[int] = []
+
+    class File(io.BytesIO):
+        def readline(self, limit: int | None = -1) -> bytes:
+            piece = super().readline(limit)
+            sizes.append(len(piece))
+            return piece
+
+    got = [line for _, line in parse(File(padded), "camt053")]
+    assert got == [line for _, line in parse(camt("camt053.v2.multi.statement.xml"), "camt053")]
+    assert max(sizes) == camt053.PIECE_BYTES  # the one line came in pieces
 
 
 def test_a_camt053_that_fails_its_schema_is_refused_at_the_line_that_breaks_it() -> None:
