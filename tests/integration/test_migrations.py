@@ -120,17 +120,17 @@ async def test_a_long_migration_and_the_wait_for_another_outlast_the_pools_query
 ) -> None:
     """The pool cancels a query after `command_timeout` (30 s, for requests). A migration
     that builds an index over a large table, and a process waiting for another's migrations,
-    take longer: here the pool's timeout is 0.5 s, a migration sleeps 1 s, and the lock is
-    held by another connection for 1 s first."""
-    slow = db.Migration(9999, "slow", "SELECT pg_sleep(1)")
+    take longer: here the pool's timeout is 1 s, a migration sleeps 2 s, and the lock is
+    held by another connection for 2 s first."""
+    slow = db.Migration(9999, "slow", "SELECT pg_sleep(2)")
     monkeypatch.setattr(db, "migrations", lambda: [slow])
-    pool = await db.create_pool(clean_db, min_size=1, max_size=2, command_timeout=0.5)
+    pool = await db.create_pool(clean_db, min_size=1, max_size=2, command_timeout=1.0)
     holder = await asyncpg.connect(clean_db)
     try:
         await holder.execute("SELECT pg_advisory_lock($1)", db.MIGRATION_LOCK_KEY)
 
         async def release_later() -> None:
-            await asyncio.sleep(1)
+            await asyncio.sleep(2)
             await holder.execute("SELECT pg_advisory_unlock($1)", db.MIGRATION_LOCK_KEY)
 
         releasing = asyncio.create_task(release_later())

@@ -550,10 +550,11 @@ async def test_a_statement_slower_than_the_pools_request_timeout_is_still_reconc
     """The pool cancels a query after `command_timeout` (30 s: meant for requests). Staging
     lasts as long as the statement takes to arrive and be parsed (a million camt.053 entries
     take about a minute to parse), and a run's big statements as long as its data: they set
-    their own timeout. Here the pool's is 1 s and the statement takes 1.8 s to arrive."""
-    pool = await db.create_pool(clean_db, min_size=1, max_size=4, command_timeout=1.0)
+    their own timeout. Here the pool's is 2 s (the run's other statements take milliseconds)
+    and the statement takes 3 s to arrive."""
+    pool = await db.create_pool(clean_db, min_size=1, max_size=4, command_timeout=2.0)
     try:
-        banks = {f: SlowStatementBank(f, pause=0.6) for f in ("bank-a", "bank-b")}
+        banks = {f: SlowStatementBank(f, pause=1.0) for f in ("bank-a", "bank-b")}
         now = [at(D + timedelta(days=1), 3)]
         w = World(services(pool, config(), dict(banks), now, http), pool, dict(banks), now)
         for order_no in ("S1", "S2", "S3"):
