@@ -11,19 +11,21 @@ Every HTTP-based connector sends through `send` (or wraps a stream in
 When in doubt the answer is `OutcomeUnknown`: it costs a status query, while a wrong
 `NotSent` may pay a borrower twice (the gateway fails `NotSent` over to another funder).
 
-A signed statement download is spooled with `spool_body` while its signature is computed, and
-parsed only once it checks out (the signed_json and iso20022 connectors).
+A signed statement download goes through `verified_download`: spooled while its signature is
+computed, and handed over only once it checks out (the signed_json and iso20022 connectors).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import IO, Protocol
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import IO, Any, Protocol
 
 import httpx
 
-from connectors.errors import NotSent, OutcomeUnknown
+from connectors.errors import ConnectorError, NotSent, OutcomeUnknown
 
 # Raised before a single byte of the request is written. DNS failures surface as
 # ConnectError; PoolTimeout means no connection was ever handed to the request.
@@ -87,6 +89,8 @@ class BodyCheck(Protocol):
 
     def update(self, chunk: bytes) -> None: ...
 
+    def finish(self) -> None: ...
+
 
 async def spool_body(
     response: httpx.Response, spool: IO[bytes], check: BodyCheck | None, *, head_bytes: int
@@ -102,3 +106,74 @@ async def spool_body(
         if check is not None:
             check.update(chunk)
     return head
+
+
+@dataclass(frozen=True)
+class StatementSignature:
+    """How a connector checks the signature of a statement download, and reports a refusal.
+
+    `start` reads the answer's headers and returns the running check (None: this funder's
+    statements are not verified); it and the check's `finish` raise `error`, an exception with
+    the wire's `reason` (`bad_signature`, `stale`, `malformed`) and `message`. A refusal is
+    logged as `event` with the first bytes through `excerpt` (masked), and becomes a
+    `ConnectorError` coded with the reason."""
+
+    start: Callable[[httpx.Headers], BodyCheck | None]
+    error: type[Exception]
+    log: Any  # the connector's structlog logger
+    event: str
+    funder_id: str
+    excerpt: Callable[[bytes], str]
+
+    def refused(
+        self, what: str, response: httpx.Response, e: Exception, head: bytes
+    ) -> ConnectorError:
+        reason, message = getattr(e, "reason", "malformed"), getattr(e, "message", str(e))
+        self.log.warning(
+            self.event,
+            funder_id=self.funder_id,
+            what=what,
+            reason=reason,
+            http_status=response.status_code,
+            raw=self.excerpt(head),
+        )
+        return ConnectorError(f"{what}: statement not trusted: {message}", code=reason)
+
+
+@asynccontextmanager
+async def verified_download(
+    client: httpx.AsyncClient,
+    request: httpx.Request,
+    what: str,
+    signature: StatementSignature,
+    *,
+    head_bytes: int,
+    on_unexpected_status: Callable[[httpx.Response], None] | None = None,
+) -> AsyncIterator[IO[bytes]]:
+    """A statement download, spooled (memory up to `SPOOL_IN_MEMORY_BYTES`, then a temporary
+    file) while its signature is computed, and yielded rewound only once the signature and its
+    timestamp check out: an unsigned or tampered statement is never parsed. A status other than
+    200 is `unexpected_status` (after `on_unexpected_status`, for a connector's own log)."""
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES) as spool:
+        with classify_transport_errors(what):
+            response = await client.send(request, stream=True)
+            try:
+                if response.status_code != 200:
+                    await response.aread()
+                    if on_unexpected_status is not None:
+                        on_unexpected_status(response)
+                    raise unexpected_status(response, what)
+                try:
+                    check = signature.start(response.headers)
+                except signature.error as e:
+                    raise signature.refused(what, response, e, b"") from e
+                head = await spool_body(response, spool, check, head_bytes=head_bytes)
+                if check is not None:
+                    try:
+                        check.finish()
+                    except signature.error as e:
+                        raise signature.refused(what, response, e, head) from e
+            finally:
+                await response.aclose()
+        spool.seek(0)
+        yield spool

@@ -29,7 +29,6 @@ NOOR (no original transaction received).
 from __future__ import annotations
 
 import secrets
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, date, datetime
@@ -252,27 +251,17 @@ class IsoConnector:
         what = f"iso20022 statement {day.isoformat()}"
         path = self.options.statement_path.replace("{day}", day.isoformat())
         request = self._request("GET", path, b"")
-        with tempfile.SpooledTemporaryFile(max_size=http.SPOOL_IN_MEMORY_BYTES) as spool:
-            with http.classify_transport_errors(what):
-                response = await self._client.send(request, stream=True)
-                try:
-                    if response.status_code != 200:
-                        await response.aread()
-                        raise http.unexpected_status(response, what)
-                    try:
-                        check = wire.StatementCheck(self._secret, response.headers, self._clock())
-                    except wire.SignatureError as e:
-                        raise self._untrusted_statement(what, response, e, b"") from e
-                    head = await http.spool_body(
-                        response, spool, check, head_bytes=wire.RAW_LOG_LIMIT
-                    )
-                    try:
-                        check.finish()
-                    except wire.SignatureError as e:
-                        raise self._untrusted_statement(what, response, e, head) from e
-                finally:
-                    await response.aclose()
-            spool.seek(0)
+        signature = http.StatementSignature(
+            start=lambda headers: wire.StatementCheck(self._secret, headers, self._clock()),
+            error=wire.SignatureError,
+            log=log,
+            event="iso20022.statement_refused",
+            funder_id=self.funder_id,
+            excerpt=wire.masked_excerpt,
+        )
+        async with http.verified_download(
+            self._client, request, what, signature, head_bytes=wire.RAW_LOG_LIMIT
+        ) as spool:
             # by lines (a longer one in pieces), so that an error names its line
             pieces = iter(lambda: spool.readline(camt053.PIECE_BYTES), b"")
             try:
@@ -345,19 +334,6 @@ class IsoConnector:
             self._bad_reply(what, response, "malformed")
             raise OutcomeUnknown(f"{what}: pain.002 does not report this order", code="malformed")
         return _result(mine[0])
-
-    def _untrusted_statement(
-        self, what: str, response: httpx.Response, e: wire.SignatureError, head: bytes
-    ) -> ConnectorError:
-        log.warning(
-            "iso20022.statement_refused",
-            funder_id=self.funder_id,
-            what=what,
-            reason=e.reason,
-            http_status=response.status_code,
-            raw=wire.masked_excerpt(head),
-        )
-        return ConnectorError(f"{what}: statement not trusted: {e.message}", code=e.reason)
 
     def _bad_reply(self, what: str, response: httpx.Response, reason: str) -> None:
         body = response.content

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import secrets
 import ssl
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import date
@@ -157,34 +156,26 @@ class SignedJsonConnector:
         what = f"signed_json statement {day.isoformat()}"
         path = self.options.endpoints.statement.replace("{day}", day.isoformat())
         request = self._request("GET", path, None)
+        verify = self.options.signing.verify_responses
+        signature = http.StatementSignature(
+            start=lambda headers: (
+                wire.StatementCheck(self._signer, headers, self._clock()) if verify else None
+            ),
+            error=wire.SignatureError,
+            log=log,
+            event="signed_json.statement_refused",
+            funder_id=self.funder_id,
+            excerpt=wire.masked_excerpt,
+        )
         # a local spool: the writes of a few 64 KiB chunks do not stall the loop noticeably
-        with tempfile.SpooledTemporaryFile(max_size=http.SPOOL_IN_MEMORY_BYTES) as spool:
-            with http.classify_transport_errors(what):
-                response = await self._client.send(request, stream=True)
-                try:
-                    if response.status_code != 200:
-                        await response.aread()
-                        self._bad_reply(what, response, "unexpected_status")
-                        raise http.unexpected_status(response, what)
-                    check: wire.StatementCheck | None = None
-                    if self.options.signing.verify_responses:
-                        try:
-                            check = wire.StatementCheck(
-                                self._signer, response.headers, self._clock()
-                            )
-                        except wire.SignatureError as e:
-                            raise self._untrusted_statement(what, response, e, b"") from e
-                    head = await http.spool_body(
-                        response, spool, check, head_bytes=wire.RAW_LOG_LIMIT
-                    )
-                    if check is not None:
-                        try:
-                            check.finish()
-                        except wire.SignatureError as e:
-                            raise self._untrusted_statement(what, response, e, head) from e
-                finally:
-                    await response.aclose()
-            spool.seek(0)
+        async with http.verified_download(
+            self._client,
+            request,
+            what,
+            signature,
+            head_bytes=wire.RAW_LOG_LIMIT,
+            on_unexpected_status=lambda r: self._bad_reply(what, r, "unexpected_status"),
+        ) as spool:
             try:
                 for _line_no, line in csv_statement.parse_csv(spool, self.statement_config):
                     yield line
@@ -266,19 +257,6 @@ class SignedJsonConnector:
             self._bad_reply(what, response, "malformed")
             raise OutcomeUnknown(f"{what}: unreadable answer: {e}", code="malformed") from e
         return result
-
-    def _untrusted_statement(
-        self, what: str, response: httpx.Response, e: wire.SignatureError, head: bytes
-    ) -> ConnectorError:
-        log.warning(
-            "signed_json.statement_refused",
-            funder_id=self.funder_id,
-            what=what,
-            reason=e.reason,
-            http_status=response.status_code,
-            raw=wire.masked_excerpt(head),
-        )
-        return ConnectorError(f"{what}: statement not trusted: {e.message}", code=e.reason)
 
     def _bad_reply(self, what: str, response: httpx.Response, reason: str) -> None:
         log.warning(
