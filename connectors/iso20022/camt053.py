@@ -215,11 +215,13 @@ def _pieces(raw: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
 def parse_camt053(
     raw: Iterable[bytes], timezone: str = "Asia/Shanghai"
 ) -> Iterator[tuple[int, StatementLine]]:
-    """The statement lines of a camt.053 given as its raw lines (or any pieces of it), each
-    with the line of its `TxDtls` (or of its `Ntry`); `StatementError` with the line where
-    the document goes wrong."""
+    """The statement lines of a camt.053 given as its raw lines (or any pieces of it, or a
+    binary file, read a line at a time and a longer line in `PIECE_BYTES` pieces, so that a
+    document written on one line is never read whole), each with the line of its `TxDtls` (or
+    of its `Ntry`); `StatementError` with the line where the document goes wrong."""
     zone = ZoneInfo(timezone)
-    pieces = _pieces(raw)
+    readline = getattr(raw, "readline", None)
+    pieces = _pieces(raw if readline is None else iter(lambda: readline(PIECE_BYTES), b""))
     head: list[tuple[int, bytes]] = []
     size = 0
     for line_no, piece in pieces:

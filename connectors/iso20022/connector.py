@@ -262,10 +262,8 @@ class IsoConnector:
         async with http.verified_download(
             self._client, request, what, signature, head_bytes=wire.RAW_LOG_LIMIT
         ) as spool:
-            # by lines (a longer one in pieces), so that an error names its line
-            pieces = iter(lambda: spool.readline(camt053.PIECE_BYTES), b"")
-            try:
-                for _line_no, line in camt053.parse_camt053(pieces, wire.BANK_ZONE.key):
+            try:  # read by lines (a longer one in pieces), so that an error names its line
+                for _line_no, line in camt053.parse_camt053(spool, wire.BANK_ZONE.key):
                     yield line
             except StatementError as e:
                 raise ConnectorError(f"{what}: {e}", code="malformed_statement") from e

@@ -13,7 +13,6 @@ from collections.abc import Iterable, Iterator
 
 from config.models import StatementConfig, StatementFormat
 from connectors.base import StatementLine
-from connectors.iso20022.camt053 import PIECE_BYTES
 from reconciliation.errors import StatementError
 from reconciliation.parsers.camt053 import parse_camt053
 from reconciliation.parsers.generic_csv import parse_csv
@@ -36,16 +35,7 @@ def parse(
         case "csv":
             return parse_csv(lines, cfg)
         case "camt053":
-            return parse_camt053(_bounded(lines), cfg.timezone)
-
-
-def _bounded(lines: Iterable[bytes]) -> Iterable[bytes]:
-    """A file's lines, a longer one than `PIECE_BYTES` in pieces: an XML statement written on
-    one line is never read whole."""
-    readline = getattr(lines, "readline", None)
-    if readline is None:
-        return lines
-    return iter(lambda: readline(PIECE_BYTES), b"")
+            return parse_camt053(lines, cfg.timezone)  # a file: read in bounded pieces
 
 
 def identity(line: StatementLine) -> tuple[object, ...]:
