@@ -577,7 +577,10 @@ async def record_seen(conn: Conn, funder_id: str, day: date) -> int:
     run's partition DDL never meets another run's half-way (nothing but runs reads it).
 
     Returns the orders written."""
-    await conn.execute("LOCK TABLE ONLY recon_seen IN SHARE UPDATE EXCLUSIVE MODE")
+    # waits for another funder's run to commit, however long that run takes
+    await conn.execute(
+        "LOCK TABLE ONLY recon_seen IN SHARE UPDATE EXCLUSIVE MODE", timeout=RUN_TIMEOUT
+    )
     row = await conn.fetchrow(
         """SELECT quote_ident(p) AS name, to_regclass(quote_ident(p)) IS NOT NULL AS exists,
                   format('ALTER TABLE recon_seen ATTACH PARTITION %I'
