@@ -239,7 +239,8 @@ async def stage_raw(conn: Conn, run_id: int) -> StageTotals | None:
     checked, so each distinct time is then checked once (`OFFSET 0` keeps that check above the
     grouping): a day's statement has far fewer distinct times than lines."""
     raw = _run_table("raw", run_id)
-    row = await conn.fetchrow(
+    row = await _big_row(
+        conn,
         f"""
         SELECT coalesce(bool_or(bad OR (finished_at IS NOT NULL
                                         AND (finished_at !~ '{_TIME}'
@@ -257,7 +258,6 @@ async def stage_raw(conn: Conn, run_id: int) -> StageTotals | None:
                                        ELSE 0 END) AS paid
                   FROM {raw} GROUP BY finished_at OFFSET 0) t
         """,
-        timeout=RUN_TIMEOUT,
     )
     assert row is not None
     if row["odd"]:
@@ -274,6 +274,15 @@ async def stage_raw(conn: Conn, run_id: int) -> StageTotals | None:
         """
     )
     return StageTotals(int(row["lines"]), int(row["amount"]), int(row["paid"]))
+
+
+async def _big_row(conn: Conn, query: str, *args: Any) -> asyncpg.Record | None:
+    """The one row (or none) of a query over the whole statement, with the run's timeout.
+    Not `fetchrow`: it asks the server for one row at most, and PostgreSQL runs a query
+    whose rows are fetched in part without its parallel workers (at 1M lines the staging
+    check took 0.28 s alone instead of about half that)."""
+    rows = await conn.fetch(query, *args, timeout=RUN_TIMEOUT)
+    return rows[0] if rows else None
 
 
 async def drop_stage(conn: Conn, run_id: int) -> None:

@@ -1091,6 +1091,40 @@ async def test_line_numbers_stay_exact_past_the_line_counters_first_block(
     assert taken == [True]  # read on the fast path
 
 
+async def test_the_staging_check_runs_with_parallel_workers(pool: asyncpg.Pool) -> None:
+    # the check reads every staged line; asked for one row (`fetchrow`), PostgreSQL runs a
+    # plan without its parallel workers
+    async def body() -> AsyncIterator[bytes]:
+        yield _HEAD + b"".join(b"O%d,R%d,5,SUCCESS,\n" % (i, i) for i in range(1, 2_001))
+
+    async def launched(conn: asyncpg.Connection) -> int:
+        await conn.execute("SELECT pg_stat_force_next_flush()")
+        n = await conn.fetchval(
+            "SELECT parallel_workers_launched FROM pg_stat_database"
+            " WHERE datname = current_database()"
+        )
+        return int(n)
+
+    async with pool.acquire() as conn:
+        if conn.get_server_version().major < 18:
+            pytest.skip("pg_stat_database counts parallel workers from PostgreSQL 18 on")
+        before = await launched(conn)
+        async with conn.transaction():
+            # a parallel plan for a small table
+            for cost in (
+                "parallel_setup_cost",
+                "parallel_tuple_cost",
+                "min_parallel_table_scan_size",
+            ):
+                await conn.execute(f"SET LOCAL {cost} = 0")
+            await rq.create_raw(conn, 1)
+            assert await rq.copy_raw(conn, 1, body()) == 2_000
+            totals = await rq.stage_raw(conn, 1)
+            await rq.drop_stage(conn, 1)
+        assert totals == rq.StageTotals(2_000, 10_000, 10_000)
+        assert await launched(conn) > before
+
+
 @pytest.mark.parametrize(
     ("lines", "error"),
     [
