@@ -490,9 +490,7 @@ async def _classify(
     lap("found_late")
 
     since = day - timedelta(days=window + EARLIER_DAYS)
-    after = None
-    while absent := await rq.absent(conn, funder.id, day, since, after, ABSENT_PAGE):
-        after = absent[-1]["order_no"]
+    async for absent in rq.absent(conn, funder.id, day, since, ABSENT_PAGE):
         batch = await _absent_page(conn, funder.id, run_id, day, window, absent, summary)
         if batch:
             await rq.copy_new_breaks(conn, batch)

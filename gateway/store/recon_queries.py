@@ -19,7 +19,7 @@ explicitly, the run's side where a permanent table's index should stay usable.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Literal, get_args
@@ -715,12 +715,16 @@ async def sweep_pending(conn: Conn, funder_id: str, day: date, keep_from: date) 
 
 
 async def absent(
-    conn: Conn, funder_id: str, day: date, since: date, after: str | None, limit: int
-) -> list[asyncpg.Record]:
-    """Orders of ours from `since` to `day` that no statement up to `day` has listed, a page
-    at a time in order-number order (the pool's key: a page never sorts the whole pool, which
-    holds a whole day when a bank leaves one out), from the one after `after`."""
-    return await conn.fetch(
+    conn: Conn, funder_id: str, day: date, since: date, page: int
+) -> AsyncIterator[list[asyncpg.Record]]:
+    """Orders of ours from `since` to `day` that no statement up to `day` has listed, in
+    order-number order, `page` at a time (the pool holds a whole day when a bank leaves one
+    out). One query read through a cursor, inside the run's transaction: each page asked for
+    again from the one after the last would have read the rest of the pool again, joined
+    with its attempts and disbursements, and sorted it (the pool is written in the same
+    transaction, so the planner knows nothing of its size): at 4M orders with 40,000 of them
+    unlisted, eight pages read 180,000 rows and took 3.1 s."""
+    cursor = await conn.cursor(
         """
         SELECT p.order_no, p.expected_day, a.id AS attempt_id, a.status AS our_status,
                d.amount AS our_amount, d.txn_no
@@ -729,17 +733,15 @@ async def absent(
           JOIN disbursements d ON d.id = a.disbursement_id
          WHERE p.funder_id = $1 AND p.expected_day <= $2 AND p.expected_day >= $3
            AND (p.seen_day IS NULL OR p.seen_day > $2)
-           AND ($4::text IS NULL OR p.order_no > $4)
          ORDER BY p.order_no
-         LIMIT $5
         """,
         funder_id,
         day,
         since,
-        after,
-        limit,
         timeout=RUN_TIMEOUT,
     )
+    while rows := await cursor.fetch(page, timeout=RUN_TIMEOUT):
+        yield rows
 
 
 async def missing_reported_elsewhere(

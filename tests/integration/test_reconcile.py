@@ -335,6 +335,35 @@ async def test_the_unlisted_orders_and_the_resolutions_are_read_a_page_at_a_time
     assert not later.summary.breaks["missing_at_bank"].count  # reported once, by day D
 
 
+async def test_the_unlisted_orders_are_read_by_one_query_whatever_the_page(
+    world: World,
+) -> None:
+    """Each unlisted order is read once however small the page: pages asked for again from
+    the last order read each read the rest of the pool again (quadratic in a pool that holds
+    a whole day when a bank leaves one out)."""
+    w = with_window(world, 0)
+    orders = [f"M{i:02}" for i in range(40)]
+    for order_no in orders:
+        await w.record(order_no, "succeeded")  # never listed
+    assert (await reconcile_day(w.svc, "bank-a", D)).ok  # the pool, committed
+
+    async def rows_read(conn: asyncpg.Connection) -> int:
+        n = await conn.fetchval(
+            "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+            " FROM pg_stat_xact_user_tables WHERE relname = 'recon_pending'"
+        )
+        return int(n)
+
+    async with w.pool.acquire() as conn, conn.transaction():
+        before = await rows_read(conn)  # a difference: the view may hold earlier counts
+        pages = [p async for p in rq.absent(conn, "bank-a", D, D, 1)]
+        read = await rows_read(conn) - before
+
+    assert [r["order_no"] for p in pages for r in p] == orders
+    assert len(pages) == len(orders)
+    assert read <= len(orders) + 1
+
+
 async def test_unknown_and_processing_orders_are_resolved_by_the_statement(world: World) -> None:
     w = world
     await w.record("U1", "unknown")
