@@ -22,7 +22,7 @@ from gateway.openapi import Param, Route
 from gateway.reconcile import ResolveError, resolve_break
 from gateway.schemas import MAX_BIGINT, ErrorOut
 from gateway.store import recon_queries as rq
-from reconciliation.classify import BREAK_TYPES
+from reconciliation.classify import BREAK_TYPES, BreakType
 
 BREAK_STATUSES = ("open", "auto_pending", "auto_resolved", "resolved")
 RUN_STATUSES = ("running", "succeeded", "failed")
@@ -87,14 +87,7 @@ class Break(BaseModel):
     date: str
     order_no: str
     txn_no: str | None
-    type: Literal[
-        "missing_at_bank",
-        "missing_at_gateway",
-        "status_mismatch_bank_succeeded",
-        "status_mismatch_bank_failed",
-        "amount_mismatch",
-        "duplicate_at_bank",
-    ]
+    type: BreakType  # every type a run records, the run-level ledger total's included
     severity: str
     status: Literal["open", "auto_pending", "auto_resolved", "resolved"]
     reason: str
