@@ -6,19 +6,24 @@ import base64
 import binascii
 import codecs
 import re
+from collections.abc import Mapping
 from datetime import time
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     SecretStr,
+    TypeAdapter,
+    ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 # Days per month when terms of different units are compared; loan products quote 30-day months.
 DAYS_PER_MONTH = 30
@@ -31,6 +36,65 @@ Repayment = Literal["equal_installment", "equal_principal", "interest_first"]
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def _problems(cls, v: Mapping[str, Any]) -> list[str]:
+        """Checks across this model's fields, over those that are valid (`v`: field name →
+        value; a field that failed its own validation is absent)."""
+        return []
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _every_problem(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        """`_problems`, also when some fields are invalid: `fundgate config check` lists
+        every error, and a bad unit in a product must not hide that its amounts are upside
+        down (an `after` validator runs only once every field is valid)."""
+        try:
+            model = handler(data)
+        except ValidationError as e:
+            if not isinstance(data, dict):
+                raise
+            problems = cls._problems(_valid_fields(cls, data, e))
+            if not problems:
+                raise
+            details = [
+                InitErrorDetails(type=err["type"], loc=err["loc"], input=err["input"],
+                                 ctx=err.get("ctx", {}))
+                for err in e.errors()
+            ]  # fmt: skip
+            details.append(_problem_detail(problems, data))
+            raise ValidationError.from_exception_data(cls.__name__, details) from None
+        problems = cls._problems(model.__dict__)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return model
+
+
+def _valid_fields(cls: type[_Model], data: dict[str, Any], e: ValidationError) -> dict[str, Any]:
+    """The fields of `data` that pass their own validation (defaults for those left out)."""
+    bad = {err["loc"][0] for err in e.errors() if err["loc"]}
+    valid: dict[str, Any] = {}
+    for name, info in cls.model_fields.items():
+        if name in bad:
+            continue
+        if name not in data:
+            if not info.is_required():
+                valid[name] = info.get_default(call_default_factory=True)
+            continue
+        try:
+            valid[name] = TypeAdapter(cast(Any, Annotated[info.annotation, info])).validate_python(
+                data[name]
+            )
+        except ValidationError:
+            continue
+    return valid
+
+
+def _problem_detail(problems: list[str], data: Any) -> InitErrorDetails:
+    error = PydanticCustomError(
+        "value_error", "Value error, {error}", {"error": "; ".join(problems)}
+    )
+    return InitErrorDetails(type=error, loc=(), input=data)
 
 
 class Term(_Model):
@@ -100,18 +164,18 @@ class SecurityConfig(_Model):
     checkpoint_signing_key: SecretStr = SecretStr(DEV_CHECKPOINT_SEED)
     checkpoint_public_key: str = DEV_CHECKPOINT_PUBLIC
 
-    @model_validator(mode="after")
-    def _keys(self) -> SecurityConfig:
-        problems = []
-        if self.active_key not in self.data_keys:
-            problems.append(f"active_key {self.active_key!r} is not among data_keys")
-        named = {f"data_keys.{k}": v for k, v in self.data_keys.items()}
-        keys = {
-            **named,
-            "blind_index_key": self.blind_index_key,
-            "checkpoint_signing_key": self.checkpoint_signing_key,
-            "checkpoint_public_key": SecretStr(self.checkpoint_public_key),
-        }
+    @classmethod
+    def _problems(cls, v: Mapping[str, Any]) -> list[str]:
+        problems: list[str] = []
+        data_keys: dict[str, SecretStr] = v.get("data_keys", {})
+        if "active_key" in v and "data_keys" in v and v["active_key"] not in data_keys:
+            problems.append(f"active_key {v['active_key']!r} is not among data_keys")
+        keys = {f"data_keys.{k}": key for k, key in data_keys.items()}
+        for name in ("blind_index_key", "checkpoint_signing_key"):
+            if name in v:
+                keys[name] = v[name]
+        if "checkpoint_public_key" in v:
+            keys["checkpoint_public_key"] = SecretStr(v["checkpoint_public_key"])
         for name, secret in keys.items():
             try:
                 raw = base64.b64decode(secret.get_secret_value(), validate=True)
@@ -120,12 +184,10 @@ class SecurityConfig(_Model):
                 continue
             if len(raw) != 32:
                 problems.append(f"{name}: must be base64 of 32 bytes, got {len(raw)} bytes")
-        for kid in self.data_keys:
+        for kid in data_keys:
             if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", kid):
                 problems.append(f"data_keys: key id {kid!r} must be 1-32 of [A-Za-z0-9_.-]")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+        return problems
 
     @property
     def uses_dev_keys(self) -> bool:
@@ -164,16 +226,14 @@ class Product(_Model):
     # bullet-principal loans are short-term by rule
     interest_first_max_term: Term = Term(unit="month", count=12)
 
-    @model_validator(mode="after")
-    def _ranges(self) -> Product:
+    @classmethod
+    def _problems(cls, v: Mapping[str, Any]) -> list[str]:
         problems = []
-        if self.min_amount > self.max_amount:
+        if "min_amount" in v and "max_amount" in v and v["min_amount"] > v["max_amount"]:
             problems.append("min_amount is above max_amount")
-        if self.min_term.days > self.max_term.days:
+        if "min_term" in v and "max_term" in v and v["min_term"].days > v["max_term"].days:
             problems.append("min_term is longer than max_term")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+        return problems
 
 
 StatementFormat = Literal["sandbox-csv", "csv", "camt053"]
@@ -286,18 +346,18 @@ class Funder(_Model):
     connector_options: dict[str, Any] = Field(default_factory=dict)
     statement: StatementConfig = StatementConfig()
 
-    @model_validator(mode="after")
-    def _mode(self) -> Funder:
+    @classmethod
+    def _problems(cls, v: Mapping[str, Any]) -> list[str]:
         problems = []
-        if self.mode == "co_lending" and self.platform_share is None:
-            problems.append("co_lending funder needs platform_share")
-        if self.mode == "direct" and self.platform_share is not None:
-            problems.append("platform_share is only for co_lending funders")
-        if self.single_max > self.daily_limit:
+        share = v.get("platform_share")
+        if "platform_share" in v:  # valid, or given as none at all
+            if v.get("mode") == "co_lending" and share is None:
+                problems.append("co_lending funder needs platform_share")
+            if v.get("mode") == "direct" and share is not None:
+                problems.append("platform_share is only for co_lending funders")
+        if "single_max" in v and "daily_limit" in v and v["single_max"] > v["daily_limit"]:
             problems.append("single_max is above daily_limit")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+        return problems
 
 
 class DispatchConfig(_Model):

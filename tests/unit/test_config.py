@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import tomllib
@@ -221,6 +222,25 @@ def test_every_range_problem_of_one_entry_is_reported_at_once(raw: Raw) -> None:
     assert has(errors, "min_term is longer than max_term"), errors
     assert has(errors, "funders[1]", "needs platform_share"), errors
     assert has(errors, "funders[1]", "single_max is above daily_limit"), errors
+
+
+def test_a_field_error_does_not_hide_the_checks_across_its_entrys_other_fields(
+    raw: Raw,
+) -> None:
+    _min_above_max_amount(raw)
+    raw["products"][0]["max_term"] = {"unit": "week", "count": 1}
+    _bad_licence(raw)
+    _single_max_above_daily(raw)
+    key = base64.b64encode(bytes(32)).decode()
+    raw["security"] = {"data_keys": {"k1": key}, "active_key": "k2", "blind_index_key": 5}
+    errors = errors_of(raw)
+    assert has(errors, "products[0].max_term.unit"), errors
+    assert has(errors, "products[0]", "min_amount is above max_amount"), errors
+    assert not has(errors, "min_term is longer"), errors  # max_term is invalid: not compared
+    assert has(errors, "funders[0].license"), errors
+    assert has(errors, "funders[0]", "single_max is above daily_limit"), errors
+    assert has(errors, "security.blind_index_key"), errors
+    assert has(errors, "security", "active_key 'k2' is not among data_keys"), errors
 
 
 # secrets from the environment
