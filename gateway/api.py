@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 
 from connectors.errors import CallbackRejected
-from gateway import outcomes, pii, states
+from gateway import outcomes, pii, states, vouchers
 from gateway.context import Services
 from gateway.disbursements import iso, render, submit
 from gateway.errors import NotFound, Unauthorized, Unprocessable
@@ -152,6 +152,9 @@ async def list_vouchers(request: web.Request) -> web.Response:
         if await q.find_by_txn(conn, txn_no) is None:
             raise NotFound(f"no disbursement {txn_no}")
         rows = await q.vouchers_of(conn, txn_no)
+        unsealed = [r["id"] for r in rows if r["seq"] is None]
+        if unsealed and await vouchers.seal_through(conn, unsealed):
+            rows = await q.vouchers_of(conn, txn_no)
     return json_response({"items": [voucher_out(r) for r in rows]})
 
 

@@ -18,6 +18,7 @@ import binascii
 import contextlib
 import hashlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -107,6 +108,30 @@ async def seal_once(conn: q.Conn, batch: int = SEAL_BATCH) -> int:
             hashes,
         )
         return len(rows)
+
+
+# how long a reader waits for the chain to reach the vouchers it shows (`seal_through`)
+SEAL_ON_READ_SECONDS = 2.0
+
+
+async def seal_through(conn: q.Conn, ids: list[int], wait: float = SEAL_ON_READ_SECONDS) -> bool:
+    """Seal the chain now up to the vouchers `ids` at least, for a reader who is shown them
+    (a disbursement's vouchers are otherwise sealed within a second of their change, and a
+    client checking the chain right after a change would find them without `seq` or `hash`).
+    Seals with the sealer's own step, or waits while the process holding the sealer lock does;
+    False when they are still unsealed after `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        left = await conn.fetchval(
+            "SELECT count(*) FROM voucher_events WHERE id = ANY($1::bigint[]) AND seq IS NULL",
+            ids,
+        )
+        if not left:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        if not await seal_once(conn):  # another process holds the lock: it is sealing them
+            await asyncio.sleep(0.02)
 
 
 def checkpoint_message(day: date, seq: int, head: str) -> bytes:

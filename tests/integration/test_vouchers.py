@@ -16,12 +16,15 @@ from config.models import SecurityConfig
 from gateway.store import queries as q
 from gateway.vouchers import (
     GENESIS,
+    SEALER_LOCK_KEY,
     checkpoint,
     seal_once,
+    seal_through,
     verify,
     voucher_hash,
     voucher_hash_of_canonical,
 )
+from tests.integration.conftest import StartGateway
 
 pytestmark = pytest.mark.integration
 
@@ -200,3 +203,36 @@ async def test_the_fast_hash_of_a_canonical_event_is_the_sealed_hash(pool: async
     odd = rows[5]
     args = (odd["prev_hash"], odd["seq"], odd["kind"], odd["at"], odd["event"])
     assert voucher_hash_of_canonical(*args) != odd["hash"] == voucher_hash(*args)
+
+
+@pytest.mark.asyncio
+async def test_a_disbursements_vouchers_are_shown_sealed_right_after_the_change(
+    start_gateway: StartGateway,
+) -> None:
+    """A client checking the chain right after a change finds each voucher with its place and
+    hash, though no sealer runs in this process (`--role api`): reading seals the chain."""
+    h = await start_gateway(role="api")
+    await h.register()
+    await h.accepted("LC-SEALED-1")
+    items = await h.vouchers("LC-SEALED-1")
+    assert items
+    assert all(v["seq"] and v["hash"] and v["prev_hash"] for v in items), items
+    async with h.pool.acquire() as conn:
+        result = await verify(conn)
+    assert result.ok, result.problem
+    assert result.unsealed == 0
+
+
+@pytest.mark.asyncio
+async def test_a_reader_waits_for_the_sealer_holding_the_lock(pool: asyncpg.Pool) -> None:
+    await _write(pool, 3)
+    async with pool.acquire() as conn:
+        ids = [r["id"] for r in await conn.fetch("SELECT id FROM voucher_events")]
+    async with pool.acquire() as sealer, pool.acquire() as reader:
+        async with sealer.transaction():
+            await sealer.execute("SELECT pg_advisory_xact_lock($1)", SEALER_LOCK_KEY)
+            # held by another process that does not seal: the reader gives up after its wait
+            assert not await seal_through(reader, ids, wait=0.2)
+        # the holder went away without sealing: the reader seals them itself
+        assert await seal_through(reader, ids, wait=0.2)
+        assert not await reader.fetchval("SELECT count(*) FROM voucher_events WHERE seq IS NULL")
