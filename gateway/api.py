@@ -62,7 +62,9 @@ async def create_disbursement(request: web.Request) -> web.Response:
     structlog.contextvars.bind_contextvars(txn_no=req.txn_no)
     outcome = await submit(svc, req, request[CLIENT_KEY].name)
     headers = {"Idempotent-Replay": "true"} if outcome.replay else None
-    return json_response(outcome.body, outcome.status, headers)
+    # keys sorted: a replay's body comes back from jsonb (which orders keys its own way) and
+    # must be the first answer's, byte for byte
+    return json_response(outcome.body, outcome.status, headers, sort_keys=True)
 
 
 @scoped("read")

@@ -30,10 +30,15 @@ CLIENT_KEY = web.RequestKey("fundgate_client", Client)
 
 
 def json_response(
-    body: Any, status: int = 200, headers: dict[str, str] | None = None
+    body: Any,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    *,
+    sort_keys: bool = False,
 ) -> web.Response:
+    option = orjson.OPT_NON_STR_KEYS | (orjson.OPT_SORT_KEYS if sort_keys else 0)
     return web.Response(
-        body=orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS),
+        body=orjson.dumps(body, option=option),
         status=status,
         content_type="application/json",
         headers=headers,
