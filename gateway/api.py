@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from datetime import datetime
+from datetime import date, datetime, timedelta, tzinfo
+from datetime import time as dtime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -79,13 +80,26 @@ async def get_disbursement(request: web.Request) -> web.Response:
     return json_response(render(d, attempts))
 
 
-def _parse_time(name: str, value: str | None) -> datetime | None:
+def _parse_time(
+    name: str, value: str | None, zone: tzinfo, *, end: bool = False
+) -> datetime | None:
+    """An ISO 8601 time with its offset, or a business day (`YYYY-MM-DD`, in the gateway's
+    time zone, as limits and reconciliation count days): its start, or with `end` the start
+    of the day after, so that `created_to=D` takes in the whole of D."""
     if value is None or value == "":
         return None
+    if len(value) == 10:
+        try:
+            day = date.fromisoformat(value)
+        except ValueError as e:
+            raise Unprocessable(
+                "invalid_request", f"{name} must be an ISO 8601 time or date"
+            ) from e
+        return datetime.combine(day + timedelta(days=1 if end else 0), dtime(0), tzinfo=zone)
     try:
         ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError as e:
-        raise Unprocessable("invalid_request", f"{name} must be an ISO 8601 time") from e
+        raise Unprocessable("invalid_request", f"{name} must be an ISO 8601 time or date") from e
     if ts.tzinfo is None:
         raise Unprocessable("invalid_request", f"{name} needs a UTC offset")
     return ts
@@ -129,13 +143,14 @@ async def list_disbursements(request: web.Request) -> web.Response:
     if status is not None and status not in states.STATES:
         raise Unprocessable("invalid_request", f"status must be one of {', '.join(states.STATES)}")
     limit = _parse_limit(request)
+    zone = svc.cfg.gateway.zone
     async with svc.db() as conn:
         rows = await q.list_disbursements(
             conn,
             status=status,
             funder_id=qs.get("funder_id") or None,
-            created_from=_parse_time("created_from", qs.get("created_from")),
-            created_to=_parse_time("created_to", qs.get("created_to")),
+            created_from=_parse_time("created_from", qs.get("created_from"), zone),
+            created_to=_parse_time("created_to", qs.get("created_to"), zone, end=True),
             before_id=_cursor_in(qs.get("cursor")),
             limit=limit + 1,
         )
@@ -380,6 +395,8 @@ async def openapi(request: web.Request) -> web.Response:
 
 OPENAPI = web.AppKey("openapi", dict)
 
+# a time with its offset, or a business day (`_parse_time`)
+_TIME_OR_DAY = {"type": "string", "anyOf": [{"format": "date-time"}, {"format": "date"}]}
 _TXN = Param("txn_no", "path", {"type": "string", "pattern": TXN_NO_PATTERN})
 _BORROWER = Param("borrower_id", "path", {"type": "string", "minLength": 1, "maxLength": 64})
 
@@ -391,8 +408,8 @@ API_ROUTES: list[Route] = [
           scope="read", responses={200: DisbursementList}, params=(
               Param("status", "query", {"type": "string", "enum": list(states.STATES)}),
               Param("funder_id", "query", {"type": "string"}),
-              Param("created_from", "query", {"type": "string", "format": "date-time"}),
-              Param("created_to", "query", {"type": "string", "format": "date-time"}),
+              Param("created_from", "query", _TIME_OR_DAY),
+              Param("created_to", "query", _TIME_OR_DAY),
               Param("cursor", "query", {"type": "string"}),
               Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 500}),
           )),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -94,6 +95,22 @@ async def test_listing_filters_by_status_funder_and_creation_time(
     assert await _walk(h, created_to=start) == ["T-LIST-1", "T-LIST-0"]
 
 
+@pytest.mark.asyncio
+async def test_a_business_day_bounds_the_listing_in_the_gateways_time_zone(
+    start_gateway: StartGateway,
+) -> None:
+    h, final = await _seven(start_gateway)
+    today = h.svc.business_day()
+    created = datetime.fromisoformat(final[TXNS[0]]["created_at"].replace("Z", "+00:00"))
+    assert created.astimezone(h.cfg.gateway.zone).date() == today
+    day, before, after = (str(d) for d in (today, today - timedelta(1), today + timedelta(1)))
+    newest_first = list(reversed(TXNS))
+    # created_to=D takes in the whole of D
+    assert await _walk(h, created_from=day, created_to=day) == newest_first
+    assert await _walk(h, created_to=before) == []
+    assert await _walk(h, created_from=after) == []
+
+
 @pytest.mark.parametrize(
     "params",
     [
@@ -106,6 +123,7 @@ async def test_listing_filters_by_status_funder_and_creation_time(
         {"status": "paid"},
         {"created_from": "yesterday"},
         {"created_to": "2026-01-01T00:00:00"},  # no UTC offset
+        {"created_from": "2026-13-01"},
     ],
 )
 @pytest.mark.asyncio
