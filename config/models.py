@@ -241,7 +241,10 @@ StatementStatus = Literal["succeeded", "failed", "reversed"]
 
 
 def _sandbox_words() -> dict[str, StatementStatus]:
-    return {"SUCCESS": "succeeded", "FAILED": "failed", "REVERSED": "reversed"}
+    """The default status words: the sandbox bank's, and the normalised words themselves (a
+    file written in `fundgate statement parse`'s own vocabulary reads as it says)."""
+    return {"SUCCESS": "succeeded", "FAILED": "failed", "REVERSED": "reversed",
+            "succeeded": "succeeded", "failed": "failed", "reversed": "reversed"}  # fmt: skip
 
 
 class StatementColumns(_Model):

@@ -157,6 +157,8 @@ class CsvParser:
                 continue
             if name in names:
                 index[key] = names.index(name)
+            elif key in names:  # the field's own name (`order_no`, …, `booked_at`)
+                index[key] = names.index(key)
             else:
                 missing.append(name)
         if missing:

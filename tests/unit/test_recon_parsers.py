@@ -199,6 +199,20 @@ def test_debits_printed_negative_and_a_bom_are_accepted_when_configured() -> Non
     assert [x.amount for _, x in read(text, "csv", **cfg)] == [100]
 
 
+def test_a_csv_in_the_normalised_vocabulary_reads_with_the_default_mapping() -> None:
+    # the output's own column names and status words, as `statement parse` prints them
+    text = (
+        "order_no,bank_ref,amount,status,booked_at\n"
+        "A,R1,100,succeeded,2026-11-25T10:00:00+08:00\n"
+        "B,R2,200,failed,2026-11-25T10:01:00+08:00\n"
+        "A,R3,100,reversed,2026-11-25T11:00:00+08:00\n"
+    )
+    got = [(x.order_no, x.bank_ref, x.amount, x.status) for _, x in read(text, "csv")]
+    assert got == [("A", "R1", 100, "succeeded"), ("B", "R2", 200, "failed"),
+                   ("A", "R3", 100, "reversed")]  # fmt: skip
+    assert read(text, "csv")[0][1].booked_at == datetime(2026, 11, 25, 10, tzinfo=ZONE)
+
+
 def test_a_file_without_a_header_is_refused() -> None:
     assert str(refused("\n\n", "csv")) == "line 2: no column header"
 
