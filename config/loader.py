@@ -11,18 +11,23 @@ from typing import Any, Literal
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from config.models import FileConfig, cross_checks
+from config.models import FileConfig, Funder, cross_checks
 
 CONNECTOR_GROUP = "fundgate.connectors"
 DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
 
 
 class ConfigError(Exception):
-    """The configuration is unusable; `errors` lists every problem found, one line each."""
+    """The configuration is unusable; `errors` lists every problem found, one line each.
+    `funders` holds the funder entries that are valid by themselves (with their index), so
+    their connector options can still be checked and reported with the rest."""
 
-    def __init__(self, source: str, errors: list[str]) -> None:
+    def __init__(
+        self, source: str, errors: list[str], funders: list[tuple[int, Funder]] | None = None
+    ) -> None:
         self.source = source
         self.errors = errors
+        self.funders = funders or []
         super().__init__(f"{source}: " + "; ".join(errors))
 
 
@@ -96,8 +101,23 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> FileConfig:
                     f"(installed: {', '.join(sorted(names)) or 'none'})"
                 )
     if errors or cfg is None:
-        raise ConfigError(source, errors)
+        raise ConfigError(source, errors, _valid_funders(resolved, errors))
     return cfg
+
+
+def _valid_funders(resolved: Any, errors: list[str]) -> list[tuple[int, Funder]]:
+    """The funder entries without an error of their own (an unset secret included: its
+    connector would only complain again about the placeholder)."""
+    funders = resolved.get("funders") if isinstance(resolved, dict) else None
+    valid: list[tuple[int, Funder]] = []
+    for i, f in enumerate(funders if isinstance(funders, list) else []):
+        if any(e.startswith((f"funders[{i}].", f"funders[{i}]:")) for e in errors):
+            continue
+        try:
+            valid.append((i, Funder.model_validate(f)))
+        except ValidationError:
+            continue
+    return valid
 
 
 def load_config(path: Path | str | None = None) -> FileConfig:

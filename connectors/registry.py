@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib.metadata import entry_points
 from typing import cast
 
@@ -31,12 +32,13 @@ def build_all(cfg: FileConfig, client: httpx.AsyncClient) -> dict[str, BankConne
     return {f.id: build(f, client) for f in cfg.funders}
 
 
-async def check_options(cfg: FileConfig) -> list[str]:
-    """Build every funder's connector once, without I/O, to surface option errors."""
+async def check_options(funders: Iterable[tuple[int, Funder]]) -> list[str]:
+    """Build each funder's connector once, without I/O, to surface option errors; `funders`
+    are the entries with their index in the file's `[[funders]]`."""
     errors: list[str] = []
     factories = available()
     async with httpx.AsyncClient() as client:
-        for i, f in enumerate(cfg.funders):
+        for i, f in funders:
             factory = factories.get(f.connector)
             if factory is None:
                 continue

@@ -27,13 +27,17 @@ log = structlog.get_logger("fundgate.cli")
 DEMO_TOKEN_SHA256 = hashlib.sha256(b"demo-token").hexdigest()
 
 
+def _print_errors(source: str, errors: list[str]) -> None:
+    print(f"config error in {source}:", file=sys.stderr)  # noqa: T201
+    for err in errors:
+        print(f"  - {err}", file=sys.stderr)  # noqa: T201
+
+
 def _load(settings: Settings, path: Path | None = None) -> FileConfig:
     try:
         return load_config(path or settings.config_path)
     except ConfigError as e:
-        print(f"config error in {e.source}:", file=sys.stderr)  # noqa: T201
-        for err in e.errors:
-            print(f"  - {err}", file=sys.stderr)  # noqa: T201
+        _print_errors(e.source, e.errors)
         raise SystemExit(2) from e
 
 
@@ -143,12 +147,15 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
     settings = Settings()
     path = Path(args.path) if args.path else settings.config_path
-    cfg = _load(settings, path)
-    errors = asyncio.run(check_options(cfg))
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        # a funder valid by itself still has its options checked: every error at once
+        _print_errors(e.source, e.errors + asyncio.run(check_options(e.funders)))
+        return 2
+    errors = asyncio.run(check_options(enumerate(cfg.funders)))
     if errors:
-        print(f"config error in {path}:", file=sys.stderr)  # noqa: T201
-        for err in errors:
-            print(f"  - {err}", file=sys.stderr)  # noqa: T201
+        _print_errors(str(path), errors)
         return 2
     print(  # noqa: T201
         f"{path}: ok ({len(cfg.funders)} funders, {len(cfg.products)} products, "
