@@ -126,6 +126,8 @@ def load_config(path: Path | str | None = None) -> FileConfig:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise ConfigError(str(p), ["file not found"]) from e
+    except OSError as e:  # a directory, no permission: `config check` still exits 2, no traceback
+        raise ConfigError(str(p), [f"cannot read: {e.strerror or e}"]) from e
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(str(p), [f"not valid TOML: {e}"]) from e
     return parse_config(raw, str(p))

@@ -69,6 +69,11 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml")
 
 
+def test_a_path_that_is_not_a_readable_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path)
+
+
 def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("[gateway\n", encoding="utf-8")
