@@ -61,7 +61,8 @@ class Authenticator:
         self.clients = clients
 
     def client_for(self, header: str | None) -> Client | None:
-        if not header or not header.startswith("Bearer "):
+        # the scheme is case-insensitive (RFC 9110 §11.1): `bearer` is `Bearer`
+        if not header or header[:7].lower() != "bearer ":
             return None
         # header bytes that are not UTF-8 arrive surrogate-escaped: hash them as they came
         digest = hashlib.sha256(header[7:].strip().encode(errors="surrogateescape")).hexdigest()

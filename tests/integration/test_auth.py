@@ -44,3 +44,17 @@ async def test_a_request_without_a_valid_token_is_401_and_without_the_scope_403(
     resp = await h.client.post("/v1/disbursements", json={}, headers=read_only)
     assert resp.status == 403
     assert (await resp.json())["error"]["code"] == "forbidden"
+
+
+@pytest.mark.asyncio
+async def test_the_bearer_scheme_is_matched_without_regard_to_case(
+    start_gateway: StartGateway,
+) -> None:
+    # RFC 9110 §11.1: an authentication scheme is case-insensitive
+    h = await start_gateway(role="api")
+    token = AUTH["Authorization"].split(" ", 1)[1]
+    for scheme in ("bearer", "BEARER"):
+        resp = await h.client.get("/v1/funders", headers={"Authorization": f"{scheme} {token}"})
+        assert resp.status == 200, await resp.text()
+    resp = await h.client.get("/v1/funders", headers={"Authorization": f"Basic {token}"})
+    assert resp.status == 401
