@@ -280,6 +280,33 @@ def test_httpx_timeouts_map_to_aiohttp_phases() -> None:
     assert (t.connect, t.sock_connect, t.sock_read, headers_by) == (None, None, None, None)
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_the_outbound_client_keeps_cookies_an_answer_sets_and_only_those(kind: str) -> None:
+    async def login(request: web.Request) -> web.Response:
+        response = web.Response(text="ok")
+        response.set_cookie("session", request.query["as"])
+        return response
+
+    async def whoami(request: web.Request) -> web.Response:
+        return web.json_response({"cookie": request.headers.get("Cookie")})
+
+    app = web.Application()
+    app.router.add_get("/login", login)
+    app.router.add_get("/whoami", whoami)
+    async with serve(app) as base, outbound_client(kind) as c:
+        assert (await c.get(f"{base}/whoami")).json() == {"cookie": None}
+        await c.get(f"{base}/login", params={"as": "first"})
+        # an answer without Set-Cookie leaves the store as it was
+        assert (await c.get(f"{base}/whoami")).json() == {"cookie": "session=first"}
+        assert (await c.get(f"{base}/whoami")).json() == {"cookie": "session=first"}
+        await c.get(f"{base}/login", params={"as": "second"})
+        assert (await c.get(f"{base}/whoami")).json() == {"cookie": "session=second"}
+        assert dict(c.cookies) == {"session": "second"}
+        c.cookies = {"session": "set-by-hand"}
+        assert (await c.get(f"{base}/whoami")).json() == {"cookie": "session=set-by-hand"}
+
+
 def test_the_outbound_client_is_configurable() -> None:
     assert isinstance(outbound_client("aiohttp")._transport, AiohttpTransport)
     assert not isinstance(outbound_client("httpx")._transport, AiohttpTransport)
