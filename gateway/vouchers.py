@@ -8,6 +8,12 @@ gives each the next `seq` and links it:
 
 with `prev_hash` of the first voucher 64 zeros. Editing, deleting or inserting a voucher
 breaks the recomputation at that `seq`; `verify` streams the chain in bounded memory.
+
+The `txn_no` column, by which a disbursement's vouchers are listed, is outside the hash, so
+`verify` also holds it to the event: the event's top-level "txn_no" when it has one (NULL
+for null), NULL when it has none. Moving a voucher to another disbursement's list, or off
+every list, is then as visible as editing it. The one exception: `recon.auto_resolved` and
+`recon.break_resolved` events sealed before they carried "txn_no" (`LEGACY_UNNAMED_KINDS`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import date, datetime
+from enum import Enum
 from typing import Any
 
 import asyncpg
@@ -42,6 +49,9 @@ GENESIS = "0" * 64
 SEALER_LOCK_KEY = 0x766F7563686572  # "voucher"
 SEAL_BATCH = 5000
 SEAL_INTERVAL_SECONDS = 0.5  # vouchers are sealed within a second of their change
+# kinds whose events were written without "txn_no" though the column names a disbursement;
+# chains sealed then still hold them, so for these an event without the key binds nothing
+LEGACY_UNNAMED_KINDS = frozenset({"recon.auto_resolved", "recon.break_resolved"})
 
 
 def iso(at: datetime) -> str:
@@ -68,6 +78,58 @@ def voucher_hash_of_canonical(prev_hash: str, seq: int, kind: str, at: datetime,
         f'"kind":{json.dumps(kind, ensure_ascii=False)},"seq":{seq}}}'
     )
     return hashlib.sha256(prev_hash.encode() + envelope.encode()).hexdigest()
+
+
+class _Txn(Enum):
+    ABSENT = "absent"  # the event has no top-level "txn_no"
+    UNREAD = "unread"  # the text cannot be read exactly without parsing it
+
+
+_TXN_KEY = '"txn_no":'
+_TXN_LAST = '"txn_no":"'
+
+
+def _txn_no_of_canonical(event: str) -> str | _Txn | None:
+    """The top-level "txn_no" of an event in canonical form (no whitespace, `ensure_ascii`
+    off), read off the text without parsing it where that is exact: the string, None for
+    null, ABSENT, or UNREAD when only a parse can tell."""
+    # Most events end with it (sorted keys put "txn_no" after the others they have). Then the
+    # final brace closes the top-level object and what precedes it is its last member: with
+    # no quote or backslash in the value, and a brace or comma before the key's quote (no
+    # escape), that member is "txn_no" and nothing else.
+    if event.endswith(',"txn_no":null}') or event == '{"txn_no":null}':
+        return None
+    if event.endswith('"}'):
+        last = event.rfind(_TXN_LAST)
+        if last > 0 and event[last - 1] in "{,":
+            value = event[last + len(_TXN_LAST) : -2]
+            if '"' not in value and "\\" not in value:
+                return value
+    if _TXN_KEY not in event:
+        return _Txn.ABSENT  # a "txn_no" member at any depth would be written with these bytes
+    return _Txn.UNREAD  # elsewhere, or nested, or escaped: a parse tells
+
+
+def _txn_no_parsed(event: str) -> Any:
+    """The event's top-level "txn_no" by parsing it: the value, or ABSENT."""
+    obj = json.loads(event)
+    if isinstance(obj, dict) and "txn_no" in obj:
+        return obj["txn_no"]
+    return _Txn.ABSENT
+
+
+def _misfiled(kind: str, column: str | None, named: Any) -> str | None:
+    """What is wrong with a voucher's `txn_no` column given its event's "txn_no" (`named`:
+    the value or ABSENT); None when they agree."""
+    if column == named:
+        return None
+    if named is None or named is _Txn.ABSENT:
+        if column is None or (named is _Txn.ABSENT and kind in LEGACY_UNNAMED_KINDS):
+            return None
+        return f"is listed under disbursement {column!r} but its event names none"
+    if column is None:
+        return f"is listed under no disbursement but its event is of {named!r}"
+    return f"is listed under disbursement {column!r} but its event is of {named!r}"
 
 
 async def seal_once(conn: q.Conn, batch: int = SEAL_BATCH) -> int:
@@ -231,7 +293,7 @@ async def _stream(conn: q.Conn, page: int) -> AsyncIterator[asyncpg.Record]:
     last = 0
     while True:
         rows = await conn.fetch(
-            "SELECT seq, kind, at, event, prev_hash, hash FROM voucher_events"
+            "SELECT seq, kind, at, txn_no, event, prev_hash, hash FROM voucher_events"
             " WHERE seq > $1 ORDER BY seq LIMIT $2",
             last,
             page,
@@ -297,10 +359,23 @@ async def verify(
             out.first_broken = r["seq"]
             out.problem = f"voucher {r['seq']} does not link to voucher {r['seq'] - 1}"
             return out
-        args = (prev, r["seq"], r["kind"], r["at"], r["event"])
-        if voucher_hash_of_canonical(*args) != r["hash"] and voucher_hash(*args) != r["hash"]:
+        event = r["event"]
+        args = (prev, r["seq"], r["kind"], r["at"], event)
+        if voucher_hash_of_canonical(*args) == r["hash"]:
+            named = _txn_no_of_canonical(event)  # the hash shows the text is canonical
+            if named is _Txn.UNREAD:
+                named = _txn_no_parsed(event)
+        elif voucher_hash(*args) == r["hash"]:
+            named = _txn_no_parsed(event)
+        else:
             out.first_broken = r["seq"]
             out.problem = f"voucher {r['seq']} was changed after sealing (hash mismatch)"
+            return out
+        if named != r["txn_no"] and (misfiled := _misfiled(r["kind"], r["txn_no"], named)):
+            out.first_broken = r["seq"]
+            out.problem = (
+                f"voucher {r['seq']} {misfiled}: its txn_no column was changed after sealing"
+            )
             return out
         if r["seq"] in heads and heads[r["seq"]][1] != r["hash"]:
             out.first_broken = r["seq"]

@@ -42,6 +42,7 @@ from gateway.reconcile import (
 from gateway.store import db
 from gateway.store import queries as q
 from gateway.store import recon_queries as rq
+from gateway.vouchers import seal_once, verify
 from tests.integration.conftest import AUTH, make_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
@@ -1313,6 +1314,45 @@ async def test_bank_is_right_reverses_a_final_outcome_the_bank_contradicts(
         kinds = [r["kind"] for r in await q.vouchers_of(conn, "TGONE")]
     assert "disbursement.corrected" in kinds
     assert "ledger.disbursement.corrected_failed" in kinds
+
+
+async def test_reconciliation_vouchers_name_the_disbursement_they_are_listed_under(
+    world: World,
+) -> None:
+    """Automatic and manual resolutions name the disbursement in the event as in the txn_no
+    column, so the chain's check of that column holds them too; a break of no gateway
+    record names none."""
+    w = with_window(world, 0)
+    await w.record("AUTO", "unknown")
+    w.bank.add(D, "AUTO")
+    await w.record("ACC", "accepted")
+    w.bank.add(D, "ACC")
+    await w.record("KEEP", "succeeded")
+    w.bank.add(D, "STRANGER")
+    result = await reconcile_day(w.svc, "bank-a", D)
+    breaks = await w.breaks(result.run_id)
+    assert breaks["AUTO/status_mismatch_bank_succeeded"]["status"] == "auto_resolved"
+    for key, resolution in (
+        ("ACC/status_mismatch_bank_succeeded", "bank_is_right"),
+        ("KEEP/missing_at_bank", "gateway_is_right"),
+    ):
+        await resolve_break(w.svc, breaks[key]["id"], resolution, "checked", "ops")
+    stranger = next(b for k, b in breaks.items() if k.startswith("STRANGER/"))
+    await resolve_break(w.svc, stranger["id"], "gateway_is_right", "not ours", "ops")
+
+    async with w.pool.acquire() as conn:
+        while await seal_once(conn):
+            pass
+        check = await verify(conn)
+        rows = await conn.fetch(
+            "SELECT txn_no, event::jsonb ->> 'order_no' AS order_no,"
+            " event::jsonb ->> 'txn_no' AS named, event::jsonb ? 'txn_no' AS has_key"
+            " FROM voucher_events WHERE kind LIKE 'recon.%' ORDER BY id"
+        )
+    assert check.ok, check.problem
+    listed = {r["order_no"]: r["txn_no"] for r in rows}
+    assert listed == {"AUTO": "TAUTO", "ACC": "TACC", "KEEP": "TKEEP", "STRANGER": None}
+    assert all(r["has_key"] and r["named"] == r["txn_no"] for r in rows), rows
 
 
 async def test_gateway_is_right_leaves_the_record_as_it_is(world: World) -> None:
