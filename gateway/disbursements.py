@@ -163,6 +163,10 @@ async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcom
         states = funder_states(svc, {}, {f.id: _ANY_PREFUND for f in svc.cfg.funders}, circuits)
         order, refusals = candidates(svc.cfg.funders, loan, states, hint=req.funder_hint)
         if not order:
+            if not await _whitelisted(conn, svc, req):
+                # the payee is checked before routing (fg_intake does too): a lending core
+                # told "no funder" or "limit" would retry a request that can never pass
+                return await _refused(conn, req, digest, _not_whitelisted())
             code = "limit_exceeded" if all_limit_refusals(refusals) else "no_eligible_funder"
             refusal = Unprocessable(code, "no funder can take this disbursement",
                                     details=refusal_details(refusals))  # fmt: skip
@@ -191,6 +195,18 @@ async def submit(svc: Services, req: DisbursementRequest, client: str) -> Outcom
         mode=chosen.mode,
     )
     return Outcome(201, plan.bodies[row["chosen"] - 1])
+
+
+async def _whitelisted(conn: q.Conn, svc: Services, req: DisbursementRequest) -> bool:
+    """The payee's account, name and bank match the borrower's registration, as `fg_intake`
+    checks them (an entry older than its name index is compared by decrypting the name)."""
+    payee = req.payee
+    row = await q.get_account(conn, req.borrower_id, pii.account_index(svc.vault, payee.account_no))
+    if row is None or row["bank_code"] != payee.bank_code:
+        return False
+    if row["name_bidx"] is not None:
+        return bytes(row["name_bidx"]) == pii.name_index(svc.vault, payee.account_name)
+    return pii.account_name(svc.vault, row) == payee.account_name
 
 
 def _not_whitelisted() -> Unprocessable:

@@ -12,6 +12,7 @@ import pytest
 from gateway.store import queries as q
 from tests.fakes import SUCCEED, reject
 from tests.integration.conftest import (
+    ACCOUNT,
     AMOUNT,
     Harness,
     StartGateway,
@@ -333,3 +334,36 @@ async def test_usage_is_keyed_by_the_business_day_in_shanghai(
     assert funders["business_day"] == "2026-03-11"
     bank_a = next(f for f in funders["items"] if f["id"] == "bank-a")
     assert (bank_a["used_today"], bank_a["remaining_today"]) == (AMOUNT, 0)
+
+
+@pytest.mark.asyncio
+async def test_a_payee_off_the_whitelist_is_refused_as_such_even_when_no_funder_could_pay(
+    start_gateway: StartGateway,
+) -> None:
+    """The whitelist comes before routing: a lending core told `no_eligible_funder` or
+    `limit_exceeded` would retry later a request that can never pass."""
+    h = await _gateway(
+        start_gateway,
+        role="api",
+        funders={"bank-a": {"min_amount": 2 * AMOUNT}, "bank-b": {"min_amount": 2 * AMOUNT}},
+    )
+    for txn_no, payee in (
+        ("T-WL-ACCOUNT", {"account_no": "6222020200199999999"}),
+        ("T-WL-NAME", {"account_name": "李四"}),
+        ("T-WL-BANK", {"bank_code": "CCB"}),
+    ):
+        status, body = await h.disburse(txn_no, AMOUNT, payee={**ACCOUNT, **payee})
+        assert (status, body["error"]["code"]) == (422, "payee_not_whitelisted"), txn_no
+    status, body = await h.disburse("T-WL-OTHER-BORROWER", AMOUNT, borrower_id="B-UNKNOWN")
+    assert (status, body["error"]["code"]) == (422, "payee_not_whitelisted")
+    # the registered payee still gets the routing refusal, with its reasons
+    status, body = await h.disburse("T-WL-REGISTERED", AMOUNT)
+    assert (status, body["error"]["code"]) == (422, "no_eligible_funder")
+    async with h.pool.acquire() as conn:
+        await conn.execute("UPDATE borrower_accounts SET name_bidx = NULL")
+    status, body = await h.disburse(
+        "T-WL-OLD-ENTRY", AMOUNT, payee={**ACCOUNT, "account_name": "李四"}
+    )
+    assert (status, body["error"]["code"]) == (422, "payee_not_whitelisted")
+    status, body = await h.disburse("T-WL-OLD-ENTRY-RIGHT", AMOUNT)
+    assert (status, body["error"]["code"]) == (422, "no_eligible_funder")
