@@ -336,6 +336,17 @@ async def test_the_unlisted_orders_and_the_resolutions_are_read_a_page_at_a_time
     assert not later.summary.breaks["missing_at_bank"].count  # reported once, by day D
 
 
+async def _rows_read(conn: asyncpg.Connection, table: str) -> int:
+    """Rows this transaction has read from `table` so far (plus, possibly, what an earlier
+    transaction of the backend counted and has not flushed yet: take differences)."""
+    n = await conn.fetchval(
+        "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+        " FROM pg_stat_xact_user_tables WHERE relname = $1",
+        table,
+    )
+    return int(n)
+
+
 async def test_the_unlisted_orders_are_read_by_one_query_whatever_the_page(
     world: World,
 ) -> None:
@@ -348,17 +359,10 @@ async def test_the_unlisted_orders_are_read_by_one_query_whatever_the_page(
         await w.record(order_no, "succeeded")  # never listed
     assert (await reconcile_day(w.svc, "bank-a", D)).ok  # the pool, committed
 
-    async def rows_read(conn: asyncpg.Connection) -> int:
-        n = await conn.fetchval(
-            "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
-            " FROM pg_stat_xact_user_tables WHERE relname = 'recon_pending'"
-        )
-        return int(n)
-
     async with w.pool.acquire() as conn, conn.transaction():
-        before = await rows_read(conn)  # a difference: the view may hold earlier counts
+        before = await _rows_read(conn, "recon_pending")  # the view may hold earlier counts
         pages = [p async for p in rq.absent(conn, "bank-a", D, D, 1)]
-        read = await rows_read(conn) - before
+        read = await _rows_read(conn, "recon_pending") - before
 
     assert [r["order_no"] for p in pages for r in p] == orders
     assert len(pages) == len(orders)
@@ -396,20 +400,13 @@ async def test_the_automatic_resolutions_read_each_waiting_break_once(
         )
         await conn.execute("ANALYZE recon_breaks")
 
-    async def rows_read(conn: asyncpg.Connection) -> int:
-        n = await conn.fetchval(
-            "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
-            " FROM pg_stat_xact_user_tables WHERE relname = 'recon_breaks'"
-        )
-        return int(n)
-
     async with w.pool.acquire() as conn, conn.transaction():
-        before = await rows_read(conn)  # a difference: the view may hold earlier counts
+        before = await _rows_read(conn, "recon_breaks")  # the view may hold earlier counts
         got, after = [], 0
         while chunk := await rq.auto_pending(conn, run.run_id, after, 1):
             got += [r["order_no"] for r in chunk]
             after = chunk[-1]["id"]
-        read = await rows_read(conn) - before
+        read = await _rows_read(conn, "recon_breaks") - before
 
     assert sorted(got) == orders
     assert read <= 2 * len(orders)  # each chunk's break, and a few look-ups besides
