@@ -65,7 +65,8 @@ Vouchers (the tamper-evident chain, see `gateway.vouchers`)
     fundgate_vouchers_unsealed_oldest_age_seconds   gauge: age of the oldest unsealed event;
                                                  grows only when the sealer is stuck
     fundgate_voucher_verification_last_timestamp_seconds   gauge: unix time of the latest
-                                                 chain verification run in this process; 0 never
+                                                 recorded chain verification (the workers' daily
+                                                 one or `fundgate audit verify`); 0 never
     fundgate_voucher_verification_broken         gauge: 1 when that verification found the chain
                                                  broken, else 0
 
