@@ -49,9 +49,10 @@ Inbound callbacks and outbound webhooks
     fundgate_webhooks_total{outcome}                     counter: deliveries to the lending
         core by outcome: delivered | failed (a failed one is retried)
 
-Reconciliation (filled by the reconciliation run; empty until it has run)
-    fundgate_recon_breaks{funder,type}           gauge: unresolved breaks by funder and break
-                                                 type, as of the latest run
+Reconciliation (the gauges read from the database; empty until a run has happened)
+    fundgate_recon_breaks{funder,type}           gauge: unresolved breaks (open, or waiting for
+                                                 their automatic resolution) of every run, by
+                                                 funder and break type
     fundgate_recon_last_success_timestamp_seconds{funder}   gauge: unix time at which the
                                                  latest reconciliation of that funder completed
     fundgate_recon_runs_total{funder,outcome}    counter: reconciliation runs by outcome:
