@@ -393,12 +393,15 @@ async def correct_terminal(
             (ledger.custody_account(a["funder_id"]), pshare),
         ]
     else:
-        # platform first (every bucket of it, in order), then the funder's, then the prefund
-        await limits.record(
-            conn, svc, a["funder_id"], day, (a["platform_bucket"], a["limit_bucket"]), amount
-        )
-        if not await q.take_prefund(conn, a["funder_id"], pshare):
-            raise CorrectionRefused("the prefund no longer covers the platform share")
+        # platform first (every bucket of it, in order), then the funder's, then the prefund:
+        # the lock order of every transaction. In a savepoint, because a refusal is caught
+        # and its transaction commits (resolve_break): the usage recorded must go with it.
+        async with conn.transaction():
+            await limits.record(
+                conn, svc, a["funder_id"], day, (a["platform_bucket"], a["limit_bucket"]), amount
+            )
+            if not await q.take_prefund(conn, a["funder_id"], pshare):
+                raise CorrectionRefused("the prefund no longer covers the platform share")
         entries = [
             (ledger.PAYOUTS, amount),
             (ledger.funder_account(a["funder_id"]), -fshare),

@@ -229,3 +229,42 @@ async def test_a_person_reversing_a_final_outcome_keeps_limits_and_ledger_true(
     assert check.ok, check.problems
     with pytest.raises(outcomes.CorrectionRefused):
         await reverse("C-PAID", "failed")  # failed already: only a final outcome reverses
+
+
+@pytest.mark.asyncio
+async def test_a_reversal_refused_for_want_of_prefund_leaves_the_limits_untouched(
+    start_gateway: StartGateway,
+) -> None:
+    """`failed → succeeded` needs the platform share back from the prefund; when it is no
+    longer there the reversal is refused, and a refusal writes nothing: the resolution that
+    catches it commits, so usage must still be the sum of the non-failed disbursements."""
+    from gateway import outcomes
+    from gateway.store import queries as q
+
+    h = await start_gateway()
+    await h.register()
+    h.banks["bank-b"].script(reject(pre_execution=False))
+    await h.accepted("C-FAILED", funder_hint="bank-b")
+    await h.wait_status("C-FAILED", "failed")
+    left = SHARE_B - 1
+    resp = await h.client.post(
+        "/v1/funders/bank-b/prefund",
+        json={"reference": "WD-ALL-BUT", "amount": left - await h.prefund()},
+        headers=AUTH,
+    )
+    assert resp.status == 201
+    usage = await h.usage()
+
+    async with h.pool.acquire() as conn, conn.transaction():  # as resolve_break does
+        d = await q.find_by_txn(conn, "C-FAILED")
+        assert d is not None
+        attempt = (await q.attempts_of(conn, [d["id"]]))[d["id"]][-1]
+        a = await q.lock_attempt(conn, attempt["id"])
+        with pytest.raises(outcomes.CorrectionRefused):
+            await outcomes.correct_terminal(conn, h.svc, a, "succeeded", by="ops", reason="x")
+
+    assert (await h.get("C-FAILED"))["status"] == "failed"
+    assert await h.usage() == usage
+    assert await h.prefund() == left
+    check = await _verified(h)
+    assert check.ok, check.problems
