@@ -348,6 +348,9 @@ class Funder(_Model):
     connector: str = "sandbox"
     connector_options: dict[str, Any] = Field(default_factory=dict)
     statement: StatementConfig = StatementConfig()
+    # takes no new payouts (intake and fail-over pass it by) while its open attempts are still
+    # queried, its callbacks applied and its statements reconciled: how a funder is drained
+    paused: bool = False
 
     @classmethod
     def _problems(cls, v: Mapping[str, Any]) -> list[str]:

@@ -34,6 +34,8 @@ def eligibility(funder: Funder, loan: LoanTerms, state: FunderState) -> Refusal 
     def no(reason: str, message: str) -> Refusal:
         return Refusal(funder.id, reason, message)
 
+    if funder.paused:
+        return no("paused", "paused by configuration: takes no new payouts")
     if loan.product not in funder.products:
         return no("product_not_offered", f"does not offer product {loan.product}")
     if funder.min_amount is not None and loan.amount < funder.min_amount:

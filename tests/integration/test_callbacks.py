@@ -181,3 +181,15 @@ async def test_a_callback_with_another_amount_is_acknowledged_but_not_applied(
     headers, body = h.banks["bank-a"].callback(order_no, BankStatus.SUCCEEDED, amount=1)
     assert await _post(h, "bank-a", headers, body) == (200, "SUCCESS")
     assert (await h.get("T-CB-AMOUNT"))["status"] == "sent"
+
+
+@pytest.mark.asyncio
+async def test_a_paused_funder_still_settles_what_it_holds(start_gateway: StartGateway) -> None:
+    """Pausing a funder (a restart with `paused = true`) stops new payouts to it; what it
+    already holds is still settled by its callbacks."""
+    h, order_no = await _sent(start_gateway, "T-CB-PAUSED")
+    paused = await start_gateway(banks=h.banks, funders={"bank-a": {"paused": True}})
+    bank = h.banks["bank-a"]
+    assert await paused.callback("bank-a", *bank.callback(order_no, BankStatus.SUCCEEDED)) == 200
+    assert (await paused.get("T-CB-PAUSED"))["status"] == "succeeded"
+    assert (await paused.accepted("T-CB-AFTER", funder_hint="bank-a"))["funder_id"] == "bank-b"

@@ -367,3 +367,19 @@ async def test_a_payee_off_the_whitelist_is_refused_as_such_even_when_no_funder_
     assert (status, body["error"]["code"]) == (422, "payee_not_whitelisted")
     status, body = await h.disburse("T-WL-OLD-ENTRY-RIGHT", AMOUNT)
     assert (status, body["error"]["code"]) == (422, "no_eligible_funder")
+
+
+@pytest.mark.asyncio
+async def test_a_paused_funder_is_passed_by_at_intake(start_gateway: StartGateway) -> None:
+    h = await _gateway(start_gateway, role="api", funders={"bank-a": {"paused": True}})
+    body = await h.accepted("T-PAUSED-A", AMOUNT, funder_hint="bank-a")
+    assert body["funder_id"] == "bank-b"
+    h = await _gateway(
+        start_gateway,
+        role="api",
+        funders={"bank-a": {"paused": True}, "bank-b": {"paused": True}},
+    )
+    status, body = await h.disburse("T-PAUSED-ALL", AMOUNT)
+    assert (status, body["error"]["code"]) == (422, "no_eligible_funder")
+    reasons = {f: r["reason"] for f, r in body["error"]["details"]["funders"].items()}
+    assert reasons == {"bank-a": "paused", "bank-b": "paused"}

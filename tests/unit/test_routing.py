@@ -99,6 +99,15 @@ def test_open_circuit_refuses_the_funder() -> None:
     assert reason(funder("a"), FunderState(circuit_open=True)) == "circuit_open"
 
 
+def test_a_paused_funder_takes_nothing_new_and_is_passed_by() -> None:
+    assert reason(funder("a", paused=True), FunderState()) == "paused"
+    order, refusals = candidates(
+        [funder("a", priority=1, paused=True), funder("b", priority=2)], LOAN, {}, hint="a"
+    )
+    assert [f.id for f in order] == ["b"]
+    assert [(r.funder_id, r.reason) for r in refusals] == [("a", "paused")]
+
+
 def test_co_lending_needs_prefund_for_the_platform_share() -> None:
     f = co_lending("b", share="0.30")
     # 1_000_001 fen -> platform share ceil(300000.3) = 300001
