@@ -287,6 +287,7 @@ async def list_funders(request: web.Request) -> web.Response:
                 "remaining_today": max(0, f.daily_limit - used),
                 "prefund_balance": prefund.get(f.id) if f.mode == "co_lending" else None,
                 "circuit": circuits.get(f.id, "closed"),
+                "paused": f.paused,
                 "in_flight": in_flight.get(f.id, {}),
             }
         )

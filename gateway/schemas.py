@@ -164,6 +164,7 @@ class FunderOut(BaseModel):
     prefund_balance: int | None
     connector: str
     circuit: Literal["closed", "half_open", "open"]
+    paused: bool
     in_flight: dict[str, int]
 
 

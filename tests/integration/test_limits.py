@@ -14,6 +14,7 @@ from tests.fakes import SUCCEED, reject
 from tests.integration.conftest import (
     ACCOUNT,
     AMOUNT,
+    AUTH,
     Harness,
     StartGateway,
     eventually,
@@ -374,6 +375,9 @@ async def test_a_paused_funder_is_passed_by_at_intake(start_gateway: StartGatewa
     h = await _gateway(start_gateway, role="api", funders={"bank-a": {"paused": True}})
     body = await h.accepted("T-PAUSED-A", AMOUNT, funder_hint="bank-a")
     assert body["funder_id"] == "bank-b"
+    resp = await h.client.get("/v1/funders", headers=AUTH)
+    paused = {f["id"]: f["paused"] for f in (await resp.json())["items"]}
+    assert paused == {"bank-a": True, "bank-b": False}
     h = await _gateway(
         start_gateway,
         role="api",
