@@ -338,7 +338,8 @@ async def bank_callback(request: web.Request) -> web.StreamResponse:
         )  # fmt: skip
 
     async with svc.db() as conn:
-        a = await q.attempt_by_order(conn, event.order_no)
+        # an order this process has just moved is decided from that row (see RecentAttempts)
+        a = svc.recent.get(event.order_no) or await q.attempt_by_order(conn, event.order_no)
         if a is None or a["funder_id"] != funder_id:
             svc.metrics.callback(funder_id, "refused", "unknown_order")
             raise NotFound(f"no order {event.order_no} at {funder_id}", code="unknown_order")

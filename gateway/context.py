@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from typing import Any, cast
 
 import asyncpg
 import httpx
@@ -18,11 +19,44 @@ from gateway.circuit import Breaker
 from gateway.crypto import Vault
 from gateway.errors import Unavailable
 from gateway.metrics import Metrics
+from gateway.states import TERMINAL
 from gateway.store import queries as q
 from gateway.wakeups import Wakeups
 
 # intake may see a circuit change this much later than the process that made it
 CIRCUIT_CACHE_SECONDS = 1.0
+# open attempts remembered for their callbacks: several times the orders in flight at once
+RECENT_ATTEMPTS = 20_000
+
+
+class RecentAttempts:
+    """The open attempts this process moved last, by order number, as they are after the
+    move: a bank's callback about an order this process has just sent is then decided
+    without reading its attempt first.
+
+    Safe because a move decided from a row read without a lock is a compare-and-set on the
+    attempt's status (`outcomes.move`, `fg_move`): a remembered row whose attempt another
+    process moved meanwhile answers "stale", and the attempt is read again. Besides the
+    status, a move reads only what is fixed when the attempt is created (its amounts, funder,
+    buckets, order and transaction numbers). Terminal attempts are forgotten: nothing moves
+    them on, and a late report reads the database as before."""
+
+    def __init__(self, size: int = RECENT_ATTEMPTS) -> None:
+        self._size = size
+        self._rows: dict[str, dict[str, Any]] = {}
+
+    def get(self, order_no: str) -> asyncpg.Record | None:
+        # a mapping with the record's keys: the moves only index it
+        return cast(asyncpg.Record | None, self._rows.get(order_no))
+
+    def moved(self, a: asyncpg.Record, status: str) -> None:
+        order = a["order_no"]
+        self._rows.pop(order, None)
+        if status in TERMINAL:
+            return
+        self._rows[order] = {**a, "status": status}
+        if len(self._rows) > self._size:
+            del self._rows[next(iter(self._rows))]  # the oldest
 
 
 def utcnow() -> datetime:
@@ -45,6 +79,7 @@ class Services:
     breakers: dict[str, Breaker] = field(init=False)
     vault: Vault = field(init=False)
     wakeups: Wakeups = field(default_factory=Wakeups)
+    recent: RecentAttempts = field(default_factory=RecentAttempts)
     _circuits: tuple[float, dict[str, str]] = field(init=False, default=(-1.0, {}))
 
     def __post_init__(self) -> None:

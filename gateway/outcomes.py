@@ -188,6 +188,7 @@ async def move(
         nonce=None if settle is None else settle.nonce,
     )
     _checked(outcome)
+    svc.recent.moved(a, new)
     if webhook:  # after the commit, or soon enough after it: the notifiers also poll
         svc.wakeups.wake_notifiers()
     svc.metrics.disbursement_transition(a["funder_id"], new, a["amount"])

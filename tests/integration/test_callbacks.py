@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from connectors.base import BankStatus
+from gateway.store import queries as q
 from tests.integration.conftest import Harness, StartGateway, eventually
 
 pytestmark = pytest.mark.integration
@@ -193,3 +194,54 @@ async def test_a_paused_funder_still_settles_what_it_holds(start_gateway: StartG
     assert await paused.callback("bank-a", *bank.callback(order_no, BankStatus.SUCCEEDED)) == 200
     assert (await paused.get("T-CB-PAUSED"))["status"] == "succeeded"
     assert (await paused.accepted("T-CB-AFTER", funder_hint="bank-a"))["funder_id"] == "bank-b"
+
+
+@pytest.mark.asyncio
+async def test_a_callback_about_an_order_this_process_sent_is_decided_without_reading_it(
+    start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h, order_no = await _sent(start_gateway, "T-CB-RECENT")
+    reads: list[str] = []
+    read = q.attempt_by_order
+
+    async def counted(conn: Any, order: str) -> Any:
+        reads.append(order)
+        return await read(conn, order)
+
+    monkeypatch.setattr(q, "attempt_by_order", counted)
+    bank = h.banks["bank-a"]
+    assert await h.callback("bank-a", *bank.callback(order_no, BankStatus.PROCESSING)) == 200
+    assert await h.callback("bank-a", *bank.callback(order_no, BankStatus.SUCCEEDED)) == 200
+    assert reads == []
+    assert (await h.get("T-CB-RECENT"))["status"] == "succeeded"
+    # terminal: forgotten, so a late report reads the attempt (and changes nothing)
+    assert await h.callback("bank-a", *bank.callback(order_no, BankStatus.PROCESSING)) == 200
+    assert reads == [order_no]
+    assert (await h.get("T-CB-RECENT"))["status"] == "succeeded"
+
+
+@pytest.mark.asyncio
+async def test_a_remembered_attempt_another_process_moved_is_read_again(
+    start_gateway: StartGateway,
+) -> None:
+    """The sender remembers the attempt as `sent`; another process applies `processing`;
+    the sender's row is then stale, and its callback is decided from the attempt as it is."""
+    h, order_no = await _sent(start_gateway, "T-CB-TWO")
+    other = await start_gateway(banks=h.banks)
+    bank = h.banks["bank-a"]
+    assert h.svc.recent.get(order_no) is not None
+    assert await other.callback("bank-a", *bank.callback(order_no, BankStatus.PROCESSING)) == 200
+    assert h.svc.recent.get(order_no)["status"] == "sent"  # type: ignore[index]
+    assert await h.callback("bank-a", *bank.callback(order_no, BankStatus.SUCCEEDED)) == 200
+    d = await h.get("T-CB-TWO")
+    assert d["status"] == "succeeded"
+    assert [a["status"] for a in d["attempts"]] == ["succeeded"]
+    kinds = [
+        v["event"]["status"]
+        for v in await h.vouchers("T-CB-TWO")
+        if v["kind"].startswith("disbursement.")
+    ]
+    assert kinds == ["accepted", "sent", "processing", "succeeded"]
+    # a stale duplicate from the sender's memory changes nothing either
+    assert await h.callback("bank-a", *bank.callback(order_no, BankStatus.PROCESSING)) == 200
+    assert (await h.get("T-CB-TWO"))["status"] == "succeeded"
