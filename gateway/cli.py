@@ -11,15 +11,19 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import structlog
 from aiohttp import web
 
 from config.loader import ConfigError, Settings, load_config
-from config.models import FileConfig
+from config.models import FileConfig, Funder
 from gateway.logging import configure_logging
+
+if TYPE_CHECKING:
+    from connectors.iso20022.sandbox import IsoBankOptions
+    from connectors.signed_json.sandbox import SignedJsonBankOptions
 
 log = structlog.get_logger("fundgate.cli")
 
@@ -192,14 +196,11 @@ def _other_sandbox_bank(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
-    faults = {
-        "callback_url": args.callback_url,
-        "seed": args.seed or 0,
-        "reject_rate": args.reject_rate,
-        "error_rate": args.error_rate,
-        "timeout_rate": args.timeout_rate,
-        "settle_ms": args.settle_ms,
-    }
+    try:
+        opts = other_bank_options(args, funder)
+    except ValueError as e:
+        print(f"sandbox-bank: {e}", file=sys.stderr)  # noqa: T201
+        return 2
     stop = asyncio.Event()
 
     async def serve(runner: Any) -> None:
@@ -208,32 +209,69 @@ def _other_sandbox_bank(args: argparse.Namespace, settings: Settings) -> int:
             loop.add_signal_handler(sig, stop.set)
         await runner
 
-    try:
-        if args.protocol == "iso20022":
-            from connectors.iso20022 import sandbox as iso_bank
-            from connectors.iso20022.wire import parse_options as iso_options
+    from connectors.iso20022 import sandbox as iso_bank
+    from connectors.signed_json import sandbox as sj_bank
 
-            o = iso_options(funder.connector_options)
-            iso_opts = iso_bank.IsoBankOptions(
-                secret=o.secret.get_secret_value(), upload_path=o.upload_path,
-                status_path=o.status_path, statement_path=o.statement_path, **faults,
-            )  # fmt: skip
-            asyncio.run(serve(iso_bank.run_bank(iso_opts, host=args.host, port=args.port,
+    try:
+        if isinstance(opts, iso_bank.IsoBankOptions):
+            asyncio.run(serve(iso_bank.run_bank(opts, host=args.host, port=args.port,
                                                 stop=stop)))  # fmt: skip
         else:
-            from connectors.signed_json import sandbox as sj_bank
-            from connectors.signed_json.wire import parse_options as sj_options
-
-            sj_opts = sj_bank.SignedJsonBankOptions(
-                wire=sj_options(funder.connector_options), statement=funder.statement,
-                fail_rate=args.fail_rate, **faults,
-            )  # fmt: skip
-            asyncio.run(serve(sj_bank.run_bank(sj_opts, host=args.host, port=args.port,
+            asyncio.run(serve(sj_bank.run_bank(opts, host=args.host, port=args.port,
                                                stop=stop)))  # fmt: skip
-    except ValueError as e:
+    except ValueError as e:  # e.g. RSA signing without the bank's keys
         print(f"sandbox-bank: {e}", file=sys.stderr)  # noqa: T201
         return 2
     return 0
+
+
+def other_bank_options(
+    args: argparse.Namespace, funder: Funder
+) -> IsoBankOptions | SignedJsonBankOptions:
+    """The `IsoBankOptions` or `SignedJsonBankOptions` of `fundgate sandbox-bank --protocol
+    iso20022|signed_json`: the funder's wire description with every fault option of the
+    command line. `ValueError` when an option cannot apply (a `--secret` other than the one
+    the funder's connector_options sign with)."""
+    faults: dict[str, Any] = {
+        "callback_url": args.callback_url,
+        "seed": args.seed or 0,
+        "reject_rate": args.reject_rate,
+        "error_rate": args.error_rate,
+        "timeout_rate": args.timeout_rate,
+        "fail_rate": args.fail_rate,
+        "callback_loss_rate": args.callback_loss_rate,
+        "callback_duplicate_rate": args.callback_duplicate_rate,
+        "callback_delay_ms": args.callback_delay_ms,
+        "latency_ms": args.latency_ms,
+        "settle_ms": args.settle_ms,
+        "callback_attempts": args.callback_attempts,
+    }
+    if args.protocol == "iso20022":
+        from connectors.iso20022 import sandbox as iso_bank
+        from connectors.iso20022.wire import parse_options as iso_options
+
+        o = iso_options(funder.connector_options)
+        _same_secret(args, o.secret.get_secret_value())
+        return iso_bank.IsoBankOptions(
+            secret=o.secret.get_secret_value(), upload_path=o.upload_path,
+            status_path=o.status_path, statement_path=o.statement_path, **faults,
+        )  # fmt: skip
+    from connectors.signed_json import sandbox as sj_bank
+    from connectors.signed_json.wire import parse_options as sj_options
+
+    w = sj_options(funder.connector_options)
+    _same_secret(args, w.signing.secret.get_secret_value() if w.signing.secret else None)
+    return sj_bank.SignedJsonBankOptions(wire=w, statement=funder.statement, **faults)
+
+
+def _same_secret(args: argparse.Namespace, configured: str | None) -> None:
+    # these banks sign with the funder's connector_options; a different --secret would be
+    # silently ignored, so it is refused
+    if args.secret is not None and args.secret != configured:
+        raise ValueError(
+            f"--secret does not apply to --protocol {args.protocol}: the bank signs with "
+            f"funder {args.funder_id!r}'s connector_options, and they differ"
+        )
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:

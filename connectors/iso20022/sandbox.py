@@ -12,7 +12,8 @@ Idempotent by EndToEndId (our order number): an order sent again, alone or in an
 message, is answered with its status and never executed twice. The same EndToEndId with another
 amount or account is a 409 for the whole message, and a 500 (an HTML page) executes nothing of
 it; the timeout fault holds the whole answer back. Callbacks are pain.002 ACSC/RJCT, one per
-order. The oracle also names each order's `msg_id` (the pain.001 that brought it).
+order; the fail fault makes an accepted order RJCT AM04 (insufficient funds at execution,
+nothing moved). The oracle also names each order's `msg_id` (the pain.001 that brought it).
 """
 
 from __future__ import annotations
@@ -53,9 +54,23 @@ class IsoBankOptions:
     reject_rate: float = 0.0
     error_rate: float = 0.0
     timeout_rate: float = 0.0
+    fail_rate: float = 0.0  # accepted, then RJCT AM04 without moving money
+    callback_loss_rate: float = 0.0  # the result callback is never sent
+    callback_duplicate_rate: float = 0.0  # the result callback is sent twice
+    callback_delay_ms: int = 0  # extra delay between execution and callback
+    latency_ms: int = 0  # delay before every answer of the bank's API
     settle_ms: int = 20
     callback_attempts: int = 3
     timezone: str = "Asia/Shanghai"
+
+
+@dataclass(frozen=True, slots=True)
+class _Fate:
+    """What happens to an accepted order after its answer, drawn when it is accepted."""
+
+    fail: bool = False
+    callback_lost: bool = False
+    callback_duplicated: bool = False
 
 
 @dataclass(slots=True)
@@ -74,6 +89,9 @@ class IsoBank(SimulatedBank):
         super().__init__(callback_timeout=5.0)
         self.opts = opts
         self.rng = random.Random(opts.seed)
+        # the faults that play out after acceptance draw from a stream of their own: a seed
+        # keeps giving the request faults it always gave, whatever else is asked for
+        self.later_rng = random.Random(f"later-{opts.seed}")
         self.zone = ZoneInfo(opts.timezone)
         self.orders: dict[str, _Order] = {}
         # every pain.001 taken: (MsgId, its EndToEndIds), for tests that count messages
@@ -95,26 +113,35 @@ class IsoBank(SimulatedBank):
             known = self.orders.get(tx.order_no)
             earlier = known.tx if known is not None else seen.get(tx.order_no)
             if earlier is not None and earlier != tx:
+                await self._latency()
                 return web.Response(status=409, text="EndToEndId reused with another payload")
             seen[tx.order_no] = tx
-        fresh: dict[str, tuple[wire.Pain001Tx, State, bool]] = {}
+        fresh: dict[str, tuple[wire.Pain001Tx, State, bool, _Fate]] = {}
         for tx in txs:
             if tx.order_no in self.orders or tx.order_no in fresh:
                 continue
             reject, error, timeout = (self.rng.random() for _ in range(3))
+            fail, lost, duplicated = (self.later_rng.random() for _ in range(3))
             if error < self.opts.error_rate:
+                await self._latency()
                 return web.Response(status=500, text="<html>500</html>", content_type="text/html")
             state: State = "rejected" if reject < self.opts.reject_rate else "accepted"
-            fresh[tx.order_no] = (tx, state, timeout < self.opts.timeout_rate)
+            fate = _Fate(
+                fail=fail < self.opts.fail_rate,
+                callback_lost=lost < self.opts.callback_loss_rate,
+                callback_duplicated=duplicated < self.opts.callback_duplicate_rate,
+            )
+            fresh[tx.order_no] = (tx, state, timeout < self.opts.timeout_rate, fate)
         callback = request.headers.get(wire.CALLBACK_HEADER) or self.opts.callback_url
         hang = False
-        for tx, state, times_out in fresh.values():
+        for tx, state, times_out, fate in fresh.values():
             order = _Order(tx, msg_id, f"ISO{next(self._refs):010d}", state, callback)
             self.orders[tx.order_no] = order
             if state == "accepted":
-                self._spawn(self._settle(order))
+                self._spawn(self._settle(order, fate))
                 hang = hang or times_out
         self.messages.append((msg_id, [tx.order_no for tx in txs]))
+        await self._latency()
         if hang:
             await self.closing.wait()
             return web.Response(status=503)
@@ -124,6 +151,7 @@ class IsoBank(SimulatedBank):
     async def status(self, request: web.Request) -> web.StreamResponse:
         if (denied := self._verify(request, await request.read())) is not None:
             return denied
+        await self._latency()
         order_no = request.match_info["order_no"]
         order = self.orders.get(order_no)
         if order is None:
@@ -138,6 +166,7 @@ class IsoBank(SimulatedBank):
             day = date.fromisoformat(request.match_info["day"])
         except ValueError:
             return web.Response(status=400)
+        await self._latency()
         booked = sorted(
             (
                 (o.tx.order_no, o.bank_ref, o.tx.amount, o.finished_at)
@@ -209,12 +238,25 @@ class IsoBank(SimulatedBank):
             return web.Response(status=401, text=e.reason)
         return None
 
-    async def _settle(self, order: _Order) -> None:
+    async def _latency(self) -> None:
+        if self.opts.latency_ms:
+            await asyncio.sleep(self.opts.latency_ms / 1000)
+
+    async def _settle(self, order: _Order, fate: _Fate) -> None:
         await asyncio.sleep(self.opts.settle_ms / 1000)
-        if order.executions == 0:
+        if fate.fail:
+            order.state = "failed"
+        elif order.executions == 0:
             order.executions += 1  # the one place money leaves the bank
             order.state = "succeeded"
         order.finished_at = datetime.now(self.zone)
+        if fate.callback_lost:
+            return
+        await asyncio.sleep(self.opts.callback_delay_ms / 1000)
+        for _ in range(2 if fate.callback_duplicated else 1):
+            await self._deliver(order)
+
+    async def _deliver(self, order: _Order) -> None:
         url = order.callback_url
         if url is None or self.session is None:
             return

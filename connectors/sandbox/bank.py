@@ -520,7 +520,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="where result callbacks go: the gateway's /v1/callbacks/{funder_id}",
     )
-    parser.add_argument("--secret", default=DEFAULT_SECRET, help="HMAC secret (both ways)")
+    # None, not DEFAULT_SECRET: the other protocols' banks tell a given secret from none
+    parser.add_argument(
+        "--secret",
+        default=None,
+        help=f"HMAC secret (both ways; default {DEFAULT_SECRET!r}); signed_json and iso20022 "
+        "sign with the funder's connector_options and refuse any other",
+    )
     parser.add_argument("--seed", type=int, default=None, help="fault RNG seed (default: random)")
     rates = parser.add_argument_group("faults (probabilities 0..1)")
     rates.add_argument("--reject-rate", type=_rate, default=0.0, help="422 REJECTED, no money")
@@ -552,7 +558,7 @@ def options_from_args(ns: argparse.Namespace) -> BankOptions:
     return BankOptions(
         funder_id=ns.funder_id,
         callback_url=ns.callback_url,
-        secret=ns.secret,
+        secret=DEFAULT_SECRET if ns.secret is None else ns.secret,
         seed=ns.seed,
         reject_rate=ns.reject_rate,
         error_rate=ns.error_rate,

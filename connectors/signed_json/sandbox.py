@@ -56,6 +56,10 @@ class SignedJsonBankOptions:
     error_rate: float = 0.0  # HTTP 500 (HTML), nothing executed
     timeout_rate: float = 0.0  # executes, never answers
     fail_rate: float = 0.0  # accepted, then failed without moving money
+    callback_loss_rate: float = 0.0  # the result callback is never sent
+    callback_duplicate_rate: float = 0.0  # the result callback is sent twice
+    callback_delay_ms: int = 0  # extra delay between execution and callback
+    latency_ms: int = 0  # delay before every answer of the bank's API
     settle_ms: int = 20
     callback_attempts: int = 3
     timezone: str = "Asia/Shanghai"
@@ -95,6 +99,9 @@ class SignedJsonBank(SimulatedBank):
         self.w = opts.wire
         self.signer = bank_signer(opts)
         self.rng = random.Random(opts.seed)
+        # callback faults draw from a stream of their own: a seed keeps giving the request
+        # faults it always gave, whether or not callback faults are asked for
+        self.callback_rng = random.Random(f"callbacks-{opts.seed}")
         self.zone = ZoneInfo(opts.timezone)
         self.orders: dict[str, _Order] = {}
         self._refs = itertools.count(1)
@@ -131,7 +138,9 @@ class SignedJsonBank(SimulatedBank):
         hang = False
         if order is None:
             reject, error, timeout, fail = (self.rng.random() for _ in range(4))
+            lost, duplicated = (self.callback_rng.random() for _ in range(2))
             if error < self.opts.error_rate:
+                await self._latency()
                 return web.Response(
                     status=500, text="<html><body>500 Internal Error</body></html>",
                     content_type="text/html",
@@ -147,10 +156,19 @@ class SignedJsonBank(SimulatedBank):
             )
             self.orders[order_no] = order
             if state == "accepted":
-                self._spawn(self._settle(order, failed=fail < self.opts.fail_rate))
+                self._spawn(
+                    self._settle(
+                        order,
+                        failed=fail < self.opts.fail_rate,
+                        lost=lost < self.opts.callback_loss_rate,
+                        duplicated=duplicated < self.opts.callback_duplicate_rate,
+                    )
+                )
                 hang = timeout < self.opts.timeout_rate
         elif order.fingerprint != fingerprint:
+            await self._latency()
             return self._answer({"error": "conflict"}, 409)
+        await self._latency()
         if hang:
             await self.closing.wait()
             return web.Response(status=503)
@@ -159,6 +177,7 @@ class SignedJsonBank(SimulatedBank):
     async def get_payout(self, request: web.Request) -> web.StreamResponse:
         if (denied := self._verify(request, await request.read())) is not None:
             return denied
+        await self._latency()
         order = self.orders.get(request.match_info["order_no"])
         if order is None:
             word = self.words["not_found"]
@@ -175,6 +194,7 @@ class SignedJsonBank(SimulatedBank):
             day = date.fromisoformat(request.match_info["day"])
         except ValueError:
             return self._answer({"error": "bad_request"}, 400)
+        await self._latency()
         cfg = self.opts.statement
         words = {v: k for k, v in reversed(list(cfg.status_map.items()))}
         c = cfg.columns
@@ -240,7 +260,9 @@ class SignedJsonBank(SimulatedBank):
                 wire.set_path(out, path, values[key])
         return out
 
-    async def _settle(self, order: _Order, *, failed: bool) -> None:
+    async def _settle(
+        self, order: _Order, *, failed: bool, lost: bool = False, duplicated: bool = False
+    ) -> None:
         await asyncio.sleep(self.opts.settle_ms / 1000)
         if failed:
             order.state = "failed"
@@ -248,7 +270,12 @@ class SignedJsonBank(SimulatedBank):
             order.executions += 1  # the one place money leaves the bank
             order.state = "succeeded"
         order.finished_at = datetime.now(self.zone)
-        await self._deliver(order)
+        if lost:
+            log.info("signed_json_bank.fault.callback_lost", order_no=order.order_no)
+            return
+        await asyncio.sleep(self.opts.callback_delay_ms / 1000)
+        for _ in range(2 if duplicated else 1):
+            await self._deliver(order)
 
     async def _deliver(self, order: _Order) -> None:
         url = self.opts.callback_url or order.callback_url
@@ -277,6 +304,10 @@ class SignedJsonBank(SimulatedBank):
     def _answer(self, fields: Mapping[str, Any], status: int) -> web.Response:
         body, headers = self.sign(fields)
         return web.Response(status=status, body=body, headers=headers)
+
+    async def _latency(self) -> None:
+        if self.opts.latency_ms:
+            await asyncio.sleep(self.opts.latency_ms / 1000)
 
     def _verify(self, request: web.Request, body: bytes) -> web.Response | None:
         try:

@@ -23,7 +23,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
@@ -55,6 +55,11 @@ class Faults:
     reject_rate: float = 0.0
     error_rate: float = 0.0
     timeout_rate: float = 0.0
+    fail_rate: float = 0.0
+    callback_loss_rate: float = 0.0
+    callback_duplicate_rate: float = 0.0
+    callback_delay_ms: int = 0  # milliseconds, not a probability
+    latency_ms: int = 0  # milliseconds, not a probability
 
 
 @dataclass
@@ -161,9 +166,7 @@ class SandboxHarness:
                 seed=1,
                 settle_ms=SETTLE_MS,
                 callback_attempts=2,
-                reject_rate=faults.reject_rate,
-                error_rate=faults.error_rate,
-                timeout_rate=faults.timeout_rate,
+                **asdict(faults),
             )
         )
         state = app[sandbox_bank.BANK]
@@ -260,9 +263,7 @@ class SignedJsonHarness:
                 seed=1,
                 settle_ms=SETTLE_MS,
                 callback_attempts=2,
-                reject_rate=faults.reject_rate,
-                error_rate=faults.error_rate,
-                timeout_rate=faults.timeout_rate,
+                **asdict(faults),
             )
         )
         state = app[sj_bank.BANK]
@@ -315,9 +316,7 @@ class IsoHarness:
                 seed=1,
                 settle_ms=SETTLE_MS,
                 callback_attempts=2,
-                reject_rate=faults.reject_rate,
-                error_rate=faults.error_rate,
-                timeout_rate=faults.timeout_rate,
+                **asdict(faults),
             )
         )
         state = app[iso_bank.BANK]
