@@ -33,16 +33,26 @@ async def reserve_funder(
     platform_amount: int,
 ) -> int | None:  # fmt: skip
     """The funder's daily limit and, for co-lending, the platform's prefund there; the bucket
-    holding the reservation, or None."""
+    holding the reservation, or None. As in fg_intake (migration 0018), a prefund refusal
+    rolls the reservation back in a savepoint: the usage rows it locked are not held while
+    the caller tries the next funder, which could deadlock with an intake trying them in the
+    opposite order."""
     scope = q.funder_scope(funder.id)
     n = svc.cfg.gateway.limit_buckets
-    held = await q.reserve(conn, scope, day, bucket, amount, funder.daily_limit, n)
-    if held is None:
-        return None
-    if platform_amount and not await q.take_prefund(conn, funder.id, platform_amount):
-        await q.release(conn, scope, day, held, amount)
+    if not platform_amount:
+        return await q.reserve(conn, scope, day, bucket, amount, funder.daily_limit, n)
+    try:
+        async with conn.transaction():
+            held = await q.reserve(conn, scope, day, bucket, amount, funder.daily_limit, n)
+            if held is not None and not await q.take_prefund(conn, funder.id, platform_amount):
+                raise _PrefundRefused
+    except _PrefundRefused:
         return None
     return held
+
+
+class _PrefundRefused(Exception):
+    """Rolls back a reservation whose platform share the prefund cannot cover."""
 
 
 async def lock_platform(conn: q.Conn, day: date, bucket: int) -> None:

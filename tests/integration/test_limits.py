@@ -8,6 +8,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from gateway.store import queries as q
 from tests.fakes import SUCCEED, reject
@@ -387,3 +388,44 @@ async def test_a_paused_funder_is_passed_by_at_intake(start_gateway: StartGatewa
     assert (status, body["error"]["code"]) == (422, "no_eligible_funder")
     reasons = {f: r["reason"] for f, r in body["error"]["details"]["funders"].items()}
     assert reasons == {"bank-a": "paused", "bank-b": "paused"}
+
+
+@pytest.mark.asyncio
+async def test_intakes_trying_two_co_lending_funders_in_opposite_orders_never_deadlock(
+    start_gateway: StartGateway,
+) -> None:
+    """A candidate refused for its prefund must hold none of its usage rows while the next
+    candidate is tried. Held in a deterministic interleaving: each intake has reserved its
+    first funder's limit and waits for that funder's prefund, which another transaction is
+    drawing down; then both are refused there and go on to the other funder."""
+    co = {"mode": "co_lending", "platform_share": "0.30", "prefund_balance": ODD_SHARE,
+          "daily_limit": 3 * ODD_AMOUNT, "single_max": ODD_AMOUNT}  # fmt: skip
+    h = await _gateway(start_gateway, role="api", funders={"bank-a": co, "bank-b": co})
+    day, n = h.svc.business_day(), h.cfg.gateway.limit_buckets
+    async with h.pool.acquire() as conn, conn.transaction():
+        # the platform's buckets exist, so neither intake waits for the other there
+        cap = h.cfg.gateway.platform_daily_limit
+        b = await q.reserve(conn, q.PLATFORM_SCOPE, day, 0, 1, cap, n)
+        assert b is not None
+        await q.release(conn, q.PLATFORM_SCOPE, day, b, 1)
+
+    with capture_logs() as logs:
+        async with h.pool.acquire() as other:
+            tx = other.transaction()
+            await tx.start()
+            await other.execute("UPDATE prefund SET balance = balance - 1")
+            first = asyncio.create_task(h.disburse("T-OPP-1", ODD_AMOUNT))
+            await eventually(lambda: _waiting(h, 1), "the first intake to wait for a prefund")
+            second = asyncio.create_task(h.disburse("T-OPP-2", ODD_AMOUNT, funder_hint="bank-b"))
+            await eventually(lambda: _waiting(h, 2), "the second intake to wait for a prefund")
+            await tx.commit()
+        results = [await first, await second]
+
+    assert [(s, b["error"]["code"]) for s, b in results] == [(422, "limit_exceeded")] * 2
+    assert [e for e in logs if e["event"] == "intake.deadlock_retried"] == []
+    usage = await h.usage()
+    assert usage.get(q.funder_scope("bank-a"), 0) == usage.get(q.funder_scope("bank-b"), 0) == 0
+
+
+async def _waiting(h: Harness, n: int) -> bool:
+    return await _lock_waiters(h) >= n
