@@ -70,6 +70,10 @@ log = structlog.get_logger("fundgate.reconcile")
 
 # advisory lock classes (two-int form, apart from the one-bigint keys of migrations/vouchers)
 RUN_LOCK_CLASS = 0x7265636E  # "recn": one run of a (funder, day) at a time
+# "recf", per funder: held shared by each of its runs, taken exclusively by a person's reversal
+# of a final outcome of its orders. A run's verdicts stand on the final outcomes it read (a
+# match is final on both sides), so none may be reversed until the run has committed them
+FUNDER_LOCK_CLASS = 0x72656366
 SCHEDULER_LOCK_KEY = 0x7265636F6E63696C  # "reconcil": one process runs the schedule
 # a bank repeats or reverses an order within days; statements older than this are not
 # searched for an earlier payout, and the pending pool looks back this much past the window
@@ -711,6 +715,11 @@ async def reconcile_day(
         if not got:
             raise RunInProgress(f"{funder_id} {day} is being reconciled by another process")
         try:
+            # waits only for a reversal being committed (one short transaction)
+            await conn.execute(
+                "SELECT pg_advisory_lock_shared($1::int, hashtext($2))", FUNDER_LOCK_CLASS,
+                funder_id,
+            )  # fmt: skip
             run = await rq.start_run(conn, funder_id, day, trigger)
             run_id = int(run["id"])
             try:
@@ -741,8 +750,10 @@ async def reconcile_day(
             await refresh_break_gauges(svc, conn, funder_id)
         finally:
             await conn.execute(
-                "SELECT pg_advisory_unlock($1::int, hashtext($2))", RUN_LOCK_CLASS, key
-            )
+                "SELECT pg_advisory_unlock_shared($1::int, hashtext($2)),"
+                " pg_advisory_unlock($3::int, hashtext($4))",
+                FUNDER_LOCK_CLASS, funder_id, RUN_LOCK_CLASS, key,
+            )  # fmt: skip
     seconds = time.perf_counter() - started
     _observe(svc, funder_id, "succeeded", seconds, summary.lines)
     log.info(
@@ -851,7 +862,20 @@ async def resolve_break(
                     source=f"{SOURCE}:resolve",
                 )
                 if not moved and a["status"] in ("succeeded", "failed"):
-                    # a final outcome the bank contradicts: the person's decision reverses it
+                    # a final outcome the bank contradicts: the person's decision reverses it,
+                    # but not under a run of the funder that has read it as final (its match
+                    # would stand for a record that no longer says so): nothing is written,
+                    # the break stays open, and the person resolves it again after the run
+                    if not await conn.fetchval(
+                        "SELECT pg_try_advisory_xact_lock($1::int, hashtext($2))",
+                        FUNDER_LOCK_CLASS, a["funder_id"],
+                    ):  # fmt: skip
+                        raise ResolveError(
+                            "reconciliation_running",
+                            f"{a['funder_id']}'s statements are being reconciled: resolve "
+                            "again once the run has finished",
+                            409,
+                        )
                     try:
                         await outcomes.correct_terminal(
                             conn, svc, a, target.value, by=who, reason=note or brk["type"]

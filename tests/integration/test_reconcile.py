@@ -33,6 +33,7 @@ from gateway.context import Services
 from gateway.metrics import Metrics
 from gateway.reconcile import (
     SCHEDULER_LOCK_KEY,
+    ResolveError,
     RunInProgress,
     reconcile_day,
     resolve_break,
@@ -1311,6 +1312,54 @@ async def test_bank_is_right_reverses_a_final_outcome_the_bank_contradicts(
         kinds = [r["kind"] for r in await q.vouchers_of(conn, "TGONE")]
     assert "disbursement.corrected" in kinds
     assert "ledger.disbursement.corrected_failed" in kinds
+
+
+async def test_a_final_outcome_is_not_reversed_while_its_funders_statement_is_reconciled(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run reads our records when it matches and writes its verdicts at its commit,
+    minutes later for a large statement. A payout a person fails in between (the bank never
+    paid it, says a `missing_at_bank` break) which the run's statement lists late, paid, was
+    matched as paid: the money moved, the disbursement says failed, and no break says so.
+    Such a reversal waits for the run: refused, nothing written, the break left open."""
+    w = with_window(world, 0)
+    await w.record("SLOW", "succeeded")
+    first = await reconcile_day(w.svc, "bank-a", D)
+    brk = (await w.breaks(first.run_id))["SLOW/missing_at_bank"]
+    late = D + timedelta(days=5)
+    w.bank.add(late, "SLOW")
+    usage = await w.usage()
+    refused: list[tuple[str, int]] = []
+    real = rq.sweep_pending
+
+    async def person_meanwhile(*args: Any, **kwargs: Any) -> None:
+        # the run has matched the statement against our records, not yet committed
+        try:
+            await resolve_break(w.svc, brk["id"], "bank_is_right", "bank never paid", "ops")
+        except ResolveError as e:
+            refused.append((e.code, e.status))
+        await real(*args, **kwargs)
+
+    monkeypatch.setattr(rq, "sweep_pending", person_meanwhile)
+    result = await reconcile_day(w.svc, "bank-a", late)
+
+    assert result.ok, result.error
+    assert await w.status("SLOW") == ("succeeded", "succeeded")  # as the bank paid it
+    assert refused == [("reconciliation_running", 409)]
+    assert await w.usage() == usage
+    found = (await w.breaks(first.run_id))["SLOW/missing_at_bank"]
+    assert (found["status"], found["resolution"]) == ("auto_resolved", "auto")
+    async with w.pool.acquire() as conn:
+        kinds = [r["kind"] for r in await q.vouchers_of(conn, "TSLOW")]
+        check = await ledger.verify(conn)
+    assert "disbursement.corrected" not in kinds
+    assert "recon.break_resolved" not in kinds
+    assert check.ok, check.problems
+
+    # after the run a reversal goes through again (here: the break is closed, so refused)
+    with pytest.raises(ResolveError) as closed:
+        await resolve_break(w.svc, brk["id"], "bank_is_right", "bank never paid", "ops")
+    assert closed.value.code == "break_not_open"
 
 
 async def test_reconciliation_vouchers_name_the_disbursement_they_are_listed_under(
