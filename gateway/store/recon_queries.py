@@ -821,7 +821,9 @@ async def copy_new_breaks(conn: Conn, rows: Iterable[tuple[Any, ...]]) -> None:
 
 async def save_breaks(conn: Conn, run_id: int, funder_id: str, day: date) -> None:
     """Upsert the run's breaks; a break a person (or the run) already resolved keeps its
-    resolution; an open break the run no longer finds is removed (it was never acted on)."""
+    resolution and what it was resolved on (its evidence holds the correction applied or
+    refused, and a refusal's reason for the manual adjustment): it is left as it is. An open
+    break the run no longer finds is removed (it was never acted on)."""
     cols = ", ".join(BREAK_COLUMNS)
     values = cols.replace("evidence", "evidence::jsonb")
     insert = f"""INSERT INTO recon_breaks AS r (run_id, funder_id, business_day, {cols})
@@ -851,9 +853,8 @@ async def save_breaks(conn: Conn, run_id: int, funder_id: str, day: date) -> Non
         f"""
         {insert}
         ON CONFLICT (run_id, order_no, type) DO UPDATE
-           SET {updates}, updated_at = now(),
-               status = CASE WHEN r.status IN ('open', 'auto_pending') THEN EXCLUDED.status
-                             ELSE r.status END
+           SET {updates}, updated_at = now(), status = EXCLUDED.status
+         WHERE r.status IN ('open', 'auto_pending')
         """,
         run_id,
         funder_id,
@@ -869,8 +870,8 @@ async def save_ledger_break(
     conn: Conn, run_id: int, funder_id: str, day: date, row: tuple[Any, ...] | None
 ) -> None:
     """The run's `ledger_total_mismatch` break (`row` in `BREAK_COLUMNS` order, evidence as
-    JSON text), or none: an open one from an earlier run of the day is removed when the
-    totals now agree; one a person resolved keeps its resolution."""
+    JSON text), or none: an open one from an earlier run of the day is updated, or removed
+    when the totals now agree; one a person resolved is left as it was resolved."""
     if row is None:
         await conn.execute(
             """DELETE FROM recon_breaks WHERE run_id = $1 AND type = 'ledger_total_mismatch'
@@ -890,6 +891,7 @@ async def save_ledger_break(
         INSERT INTO recon_breaks AS r (run_id, funder_id, business_day, {cols})
         VALUES ($1, $2, $3, {params})
         ON CONFLICT (run_id, order_no, type) DO UPDATE SET {updates}, updated_at = now()
+         WHERE r.status = 'open'
         """,
         run_id,
         funder_id,

@@ -690,6 +690,34 @@ async def test_rerunning_a_day_updates_its_run_and_never_duplicates_breaks(world
     assert third.summary.open == 1
 
 
+async def test_rerunning_a_day_leaves_a_resolved_break_as_it_was_resolved(world: World) -> None:
+    """A resolution records what it did to our record in the break's evidence (the
+    correction applied, or refused with the reason for a manual adjustment); a re-run of the
+    day that finds the same break again keeps that record and the evidence it was decided
+    on, as it keeps the resolution."""
+    w = with_window(world, 0)
+    await w.record("KEEP", "succeeded")
+    first = await reconcile_day(w.svc, "bank-a", D, trigger="test")
+    breaks = await w.breaks(first.run_id)
+    resolved = {
+        key: await resolve_break(w.svc, breaks[key]["id"], "gateway_is_right", "late file", "ops")
+        for key in ("KEEP/missing_at_bank", LEDGER_BREAK)
+    }
+    assert all("correction" in row["evidence"] for row in resolved.values())
+
+    w.now[0] += timedelta(hours=1)
+    await reconcile_day(w.svc, "bank-a", D, trigger="test")
+
+    breaks = await w.breaks(first.run_id)
+    for key, row in resolved.items():
+        kept = breaks[key]
+        assert (kept["status"], kept["resolution"], kept["note"]) == (
+            "resolved", "gateway_is_right", "late file",
+        )  # fmt: skip
+        assert kept["evidence"] == row["evidence"], key
+        assert kept["updated_at"] == row["updated_at"], key
+
+
 # ---------------------------------------------------------------- the ledger against the statement
 
 
