@@ -45,6 +45,9 @@ log = structlog.get_logger("fundgate.dispatcher")
 
 Result = PayoutResult | Rejected | NotSent | OutcomeUnknown
 
+# a deadlock victim's transaction is rolled back whole and done again (as intake's are)
+RECORD_DEADLOCK_RETRIES = 3
+
 
 def _error(e: Exception) -> dict[str, Any]:
     code = getattr(e, "code", None) or type(e).__name__
@@ -361,6 +364,23 @@ class Dispatcher(_Loop):
         if isinstance(result, PayoutResult):
             await self._record_answer(row, a, result)
             return
+        for retry in range(RECORD_DEADLOCK_RETRIES + 1):
+            try:
+                await self._record_other(row, a, result)
+                return
+            except asyncpg.DeadlockDetectedError:
+                # a fail-over reserves the next funder while holding the first's rows, and
+                # may meet an intake taking them in the other order. Rolled back whole, it is
+                # simply done again: left to its lease, the row would come back as an earlier
+                # send without a recorded outcome, which is never failed over
+                if retry == RECORD_DEADLOCK_RETRIES:
+                    raise
+                # the circuit published in the rolled-back transaction is published again
+                self.svc.breakers[a["funder_id"]].changed = True
+                log.warning("dispatcher.deadlock_retried", order_no=a["order_no"], retry=retry + 1)
+
+    async def _record_other(self, row: asyncpg.Record, a: asyncpg.Record, result: Result) -> None:
+        """`_record` of a refusal, a request not sent or an unknown outcome: one transaction."""
         svc = self.svc
         async with svc.pool.acquire() as conn, conn.transaction():
             await note_circuit(conn, svc, a["funder_id"])

@@ -335,3 +335,37 @@ async def test_many_disbursements_with_mixed_bank_answers_pay_each_at_most_once(
     assert sorted(t for t, n in paid.items() if n) == sorted(
         t for t, s in zip(txns, statuses, strict=True) if s == "succeeded"
     )
+
+
+@pytest.mark.asyncio
+async def test_a_fail_over_chosen_as_a_deadlock_victim_is_done_again_not_left_to_its_lease(
+    start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Left to its lease, the row would come back as a send without a recorded outcome,
+    which is never failed over: the disbursement would end failed with bank-b untried."""
+    import asyncpg
+
+    from gateway import dispatcher
+
+    h = await _started(start_gateway)
+    h.banks["bank-a"].script(reject(pre_execution=True))
+    h.banks["bank-b"].script(SUCCEED)
+    real = dispatcher.fail_over
+    victims: list[str] = []
+
+    async def deadlocked_once(*args: Any, **kw: Any) -> Any:
+        if not victims:
+            victims.append("once")
+            raise asyncpg.DeadlockDetectedError("deadlock detected")
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(dispatcher, "fail_over", deadlocked_once)
+    await h.accepted("T-FO-DEADLOCK")
+    d = await h.wait_status("T-FO-DEADLOCK", "succeeded")
+    assert victims == ["once"]
+    assert [(a["funder_id"], a["status"]) for a in d["attempts"]] == [
+        ("bank-a", "failed"),
+        ("bank-b", "succeeded"),
+    ]
+    usage = await h.usage()
+    assert (usage[q.funder_scope("bank-a")], usage[q.funder_scope("bank-b")]) == (0, AMOUNT)
