@@ -383,6 +383,13 @@ async def correct_terminal(
             f"attempt {a['n']} is not the current attempt of {d['txn_no']}: "
             "recover the double payment by hand"
         )
+    if await q.was_corrected(conn, a["txn_no"]):
+        # back to an outcome the lending core was already told: it dedups the outcome
+        # webhooks by txn_no and status (CONTRACT.md), so it would drop this one
+        raise CorrectionRefused(
+            f"{a['txn_no']} was reversed once already: the lending core would take a second "
+            "reversal for a duplicate outcome; settle it with the lending core by hand"
+        )
     now = svc.clock()
     day = a["business_day"]
     amount, fshare, pshare = a["amount"], a["alloc_funder"], a["alloc_platform"]

@@ -274,6 +274,17 @@ async def load_attempts(conn: Conn, attempt_ids: list[int]) -> dict[int, asyncpg
     return {r["id"]: r for r in rows}
 
 
+async def was_corrected(conn: Conn, txn_no: str) -> bool:
+    """A person has reversed a final outcome of this disbursement before."""
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM voucher_events"
+            " WHERE txn_no = $1 AND kind = 'disbursement.corrected')",
+            txn_no,
+        )
+    )
+
+
 async def attempt_by_order(conn: Conn, order_no: str) -> asyncpg.Record | None:
     """The attempt of a bank order number, as `load_attempt` reads it (no lock)."""
     return await conn.fetchrow(_ATTEMPT_OF + " WHERE a.order_no = $1", order_no)

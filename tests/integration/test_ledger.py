@@ -229,6 +229,14 @@ async def test_a_person_reversing_a_final_outcome_keeps_limits_and_ledger_true(
     assert check.ok, check.problems
     with pytest.raises(outcomes.CorrectionRefused):
         await reverse("C-PAID", "failed")  # failed already: only a final outcome reverses
+    # reversed back, the lending core would be told "succeeded" again: the outcome it has
+    # seen for that txn_no, which it takes for a duplicate (it dedups by txn_no + status)
+    with pytest.raises(outcomes.CorrectionRefused, match="reversed once already"):
+        await reverse("C-FAILED", "failed")
+    assert (await h.get("C-FAILED"))["status"] == "succeeded"
+    assert await h.usage() == usage
+    check = await _verified(h)
+    assert check.ok, check.problems
 
 
 @pytest.mark.asyncio
