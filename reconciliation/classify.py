@@ -97,7 +97,9 @@ class Ours(NamedTuple):
 
     status: str
     amount: int
-    day: date  # the business day the attempt was sent on
+    # the order's business day: `classify_absent` counts the window from it, given the
+    # pending pool's expected day (the disbursement's business day, the ledger's)
+    day: date
 
 
 class Bank(NamedTuple):

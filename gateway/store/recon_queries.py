@@ -407,8 +407,10 @@ async def match(
     lists whose attempt is older (a late listing, a payout that hung for days) is looked up by
     its order number (`attempts`' unique index), one look-up per such order. The same join (a
     FULL JOIN) also keeps the funder's attempts of the day (`bounds`) that the statement does
-    not list and that have not failed (no `line_no`): the pending pool's newcomers
-    (`sweep_pending`), without an anti-join of their own.
+    not list and that have not failed (no `line_no`), and the fail-overs (`n > 1`) sent after
+    the day, which may be of a disbursement of the day: the pending pool's newcomers
+    (`sweep_pending`), without an anti-join of their own. Those fail-overs are among the
+    attempts the join reads anyway, and few.
 
     The plain test reads `attempts` alone, so the million-row join never touches
     `disbursements`: an attempt's amount is its allocation's total (`alloc_funder +
@@ -439,7 +441,7 @@ async def match(
             SELECT order_no, min(type) AS type FROM recon_breaks
              WHERE run_id = $3 AND status = 'auto_resolved' GROUP BY order_no)
         SELECT b.order_no, b.lines, e.paid AS earlier_paid, au.type AS auto_type,
-               a.id AS a_id, a.order_no AS a_order_no, a.status AS a_status,
+               a.id AS a_id, a.order_no AS a_order_no, a.status AS a_status, a.n AS a_n,
                a.created_at AS a_created_at, a.disbursement_id AS a_disbursement_id
           FROM (SELECT order_no, lines, paid, amount FROM recon_seen
                  WHERE funder_id = $1 AND business_day = $2) b
@@ -450,8 +452,10 @@ async def match(
                             alloc_platform, disbursement_id
                        FROM attempts WHERE funder_id = $1 AND created_at >= $6) a
                  ON a.order_no = b.order_no COLLATE "default"
-         WHERE CASE WHEN b.order_no IS NULL  -- not listed: the day's own, not failed
-                    THEN a.created_at >= $4 AND a.created_at < $5 AND a.status <> 'failed'
+         WHERE CASE WHEN b.order_no IS NULL  -- not listed, not failed: sent on the day, or
+                    -- a fail-over sent after it (its disbursement's day: `sweep_pending`)
+                    THEN a.created_at >= $4 AND (a.created_at < $5 OR a.n > 1)
+                         AND a.status <> 'failed'
                     ELSE NOT coalesce(  -- one line: paid 1 is succeeded, 0 failed
                a.id IS NOT NULL AND b.lines = 1 AND e.order_no IS NULL AND au.type IS NULL
                AND a.n = 1 AND a.created_at >= $4 AND a.created_at < $5
@@ -475,7 +479,7 @@ async def match(
                CASE WHEN j.earlier_paid IS NOT NULL OR x.n > 0
                     THEN coalesce(j.earlier_paid, 0) + coalesce(x.paid, 0) END AS earlier_paid,
                j.auto_type,
-               coalesce(j.a_id, o.id) AS attempt_id,
+               coalesce(j.a_id, o.id) AS attempt_id, j.a_n AS our_n,
                coalesce(j.a_order_no, o.order_no) AS our_order_no,
                coalesce(j.a_status, o.status) AS our_status,
                coalesce(j.a_disbursement_id, o.disbursement_id) AS disbursement_id,
@@ -677,8 +681,13 @@ async def prune_seen(conn: Conn, funder_id: str, keep_from: date) -> list[str]:
 
 async def sweep_pending(conn: Conn, funder_id: str, day: date, keep_from: date) -> None:
     """The pool after this statement: orders it lists are found (recomputed from
-    `recon_seen`, so re-running a day with another file is exact); the day's own orders it
-    does not list (`match` kept them) join the pool."""
+    `recon_seen`, so re-running a day with another file is exact); the orders it does not
+    list (`match` kept them) join the pool, expected from their disbursement's business day,
+    the day the ledger books the payout on, so that the ledger comparison of that day awaits
+    them. For a first attempt that is the statement's day; a fail-over's is read by key (few
+    of them): one sent after midnight belongs to the day before, and one sent after this day
+    joins here only if it is this day's (a later day's waits for its own run), found on the
+    later statement that already lists it, if any (an older day re-run)."""
     await conn.execute(
         """
         UPDATE recon_pending p
@@ -698,8 +707,16 @@ async def sweep_pending(conn: Conn, funder_id: str, day: date, keep_from: date) 
     )
     await conn.execute(
         """
-        INSERT INTO recon_pending (funder_id, order_no, attempt_id, expected_day)
-        SELECT $1, our_order_no, attempt_id, $2 FROM recon_odd WHERE line_no IS NULL
+        INSERT INTO recon_pending (funder_id, order_no, attempt_id, expected_day, seen_day)
+        SELECT $1, o.our_order_no, o.attempt_id, coalesce(d.business_day, $2),
+               CASE WHEN d.business_day IS NOT NULL THEN
+                   (SELECT min(s.business_day) FROM recon_seen s
+                     WHERE s.funder_id = $1 AND s.business_day > $2
+                       AND s.order_no = o.our_order_no COLLATE "C") END
+          FROM recon_odd o
+          LEFT JOIN LATERAL (SELECT business_day FROM disbursements
+                              WHERE o.our_n > 1 AND id = o.disbursement_id OFFSET 0) d ON true
+         WHERE o.line_no IS NULL AND coalesce(d.business_day, $2) <= $2
         ON CONFLICT (funder_id, order_no) DO NOTHING
         """,
         funder_id,

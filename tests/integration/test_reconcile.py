@@ -822,6 +822,81 @@ async def test_an_order_listed_late_is_found_within_the_window(world: World) -> 
     assert results[4].summary.total_breaks == 0
 
 
+async def fail_over_after_midnight(w: World, order_no: str) -> None:
+    """A disbursement of day D paid by its second funder (bank-b), the fail-over sent at
+    00:30 the next day, after bank-a refused it before executing: the ledger books the
+    payout on D."""
+    a_id = await w.record(order_no, "succeeded", funder_id="bank-b")
+    async with w.pool.acquire() as conn:
+        d_id = await conn.fetchval(
+            "UPDATE attempts SET n = 2, created_at = $2 WHERE id = $1 RETURNING disbursement_id",
+            a_id, at(D + timedelta(days=1), 0) + timedelta(minutes=30),
+        )  # fmt: skip
+        await q.insert_attempt(
+            conn,
+            {
+                "disbursement_id": d_id, "n": 1, "funder_id": "bank-a",
+                "order_no": f"{order_no}-1", "status": "failed", "mode": "direct",
+                "alloc_funder": AMOUNT, "alloc_platform": 0,
+                "created_at": at(D, 23), "updated_at": at(D, 23),
+            },
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("listed_after", [1, 2])
+async def test_a_fail_over_sent_after_midnight_counts_on_its_disbursements_day(
+    world: World, listed_after: int
+) -> None:
+    """The ledger books the payout on the disbursement's day D, and the pending pool expects
+    the order from D too: D's run awaits it (no false ledger break that never clears), and
+    the statement that lists it, on D + 1 or later, counts it for D (`other_days`) and
+    awaits nothing of it for its own day."""
+    w = world  # window 3 days
+    await fail_over_after_midnight(w, "FO")
+    w.banks["bank-b"].add(D + timedelta(days=listed_after), "FO")
+
+    runs = [await reconcile_day(w.svc, "bank-b", D + timedelta(days=i)) for i in range(4)]
+
+    assert all(r.ok for r in runs)
+    assert [r.summary.ledger.ok for r in runs] == [True] * 4
+    assert [r.summary.ledger.awaiting for r in runs] == [AMOUNT, 0, 0, 0]
+    assert runs[0].summary.ledger.ledger_paid == AMOUNT
+    assert [r.summary.ledger.other_days for r in runs] == [
+        AMOUNT if i == listed_after else 0 for i in range(4)
+    ]
+    assert [r.summary.pending.count for r in runs] == [1] * listed_after + [0] * (4 - listed_after)
+    assert await w.breaks() == {}
+    async with w.pool.acquire() as conn:
+        pool = await conn.fetchrow("SELECT * FROM recon_pending WHERE order_no = 'FO'")
+    assert pool is not None
+    assert (pool["expected_day"], pool["seen_day"]) == (D, D + timedelta(days=listed_after))
+
+
+async def test_a_fail_over_sent_after_midnight_that_no_statement_lists_is_a_break(
+    world: World,
+) -> None:
+    """Awaited by its disbursement's day, not excused: still unlisted once the window from
+    that day is over, it is a `missing_at_bank` break, reported once."""
+    w = world  # window 3 days
+    await fail_over_after_midnight(w, "FO")
+
+    runs = [await reconcile_day(w.svc, "bank-b", D + timedelta(days=i)) for i in range(5)]
+
+    assert [r.summary.ledger.awaiting for r in runs] == [AMOUNT, 0, 0, 0, 0]
+    assert [r.summary.ledger.ok for r in runs] == [True] * 5
+    assert [r.summary.pending.count for r in runs] == [1, 1, 1, 0, 0]
+    breaks = await w.breaks()
+    assert list(breaks) == ["FO/missing_at_bank"]
+    assert breaks["FO/missing_at_bank"]["business_day"] == D + timedelta(days=3)
+    assert breaks["FO/missing_at_bank"]["evidence"]["expected_day"] == D.isoformat()
+
+    # without a window the payout the ledger booked on D and no statement lists is a
+    # difference of D's totals at once
+    again = await reconcile_day(with_window(w, 0).svc, "bank-b", D)
+    assert again.summary.ledger.unexplained == -AMOUNT
+    assert (await w.breaks(again.run_id))[LEDGER_BREAK]["status"] == "open"
+
+
 async def test_an_order_sent_weeks_before_its_statement_is_still_ours(world: World) -> None:
     # the run hashes only the attempts of the day and the day before; older ones are looked
     # up one by one
