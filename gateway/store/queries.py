@@ -449,13 +449,22 @@ async def enqueue(
 
 
 async def claim(conn: Conn, kind: str, limit: int, lease_seconds: float) -> list[asyncpg.Record]:
-    """Lease up to `limit` ready rows; a lease that expires (the holder died) frees the row."""
+    """Lease up to `limit` ready rows; a lease that expires (the holder died) frees the row.
+
+    A webhook row waits while an older webhook of the same disbursement is still in the
+    outbox (being sent, backing off, or delivered and not yet deleted): a reversal of a final
+    outcome (`outcomes.correct_terminal`) reaches the lending core after that outcome, never
+    before it, or the lending core would keep the outcome that was reversed."""
     return await conn.fetch(
         """
         UPDATE outbox SET leased_until = now() + make_interval(secs => $3), tries = tries + 1
-         WHERE id IN (SELECT id FROM outbox
+         WHERE id IN (SELECT id FROM outbox AS o
                        WHERE kind = $1 AND available_at <= now()
                          AND (leased_until IS NULL OR leased_until < now())
+                         AND (kind <> 'webhook' OR NOT EXISTS (
+                                SELECT 1 FROM outbox AS older
+                                 WHERE older.kind = 'webhook' AND older.ref_id = o.ref_id
+                                   AND older.id < o.id))
                        ORDER BY available_at, id
                        LIMIT $2
                          FOR UPDATE SKIP LOCKED)

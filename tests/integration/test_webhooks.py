@@ -31,11 +31,14 @@ async def _quiet(h: Harness, deliveries: int) -> bool:
     return len(h.core.deliveries) >= deliveries and await h.outbox("webhook") == []
 
 
-async def _queue_webhook(h: Harness, body: object) -> None:
-    """A webhook row in the outbox, as a terminal state leaves one."""
+async def _queue_webhook(h: Harness, body: dict[str, object]) -> None:
+    """A webhook row in the outbox, as a terminal state leaves one (for its disbursement)."""
     async with h.pool.acquire() as conn:
         await conn.execute(
-            "INSERT INTO outbox (kind, ref_id, payload) VALUES ('webhook', 0, $1)", body
+            "INSERT INTO outbox (kind, ref_id, payload)"
+            " SELECT 'webhook', id, $2 FROM disbursements WHERE txn_no = $1",
+            body["txn_no"],
+            body,
         )
 
 
@@ -184,3 +187,36 @@ async def test_an_unreachable_lending_core_leaves_the_webhook_waiting_in_the_out
     assert kept["last_error"]
     assert kept["available_at"] > kept["created_at"]  # later, after a back-off
     assert h.core.deliveries == []
+
+
+@pytest.mark.asyncio
+async def test_a_reversal_reaches_the_lending_core_after_the_outcome_it_reverses(
+    start_gateway: StartGateway,
+) -> None:
+    """The first outcome's webhook is waiting out a back-off when a person reverses it: the
+    reversal must not overtake it, or the lending core (which dedups by txn_no + status)
+    ends up holding the outcome that was reversed."""
+    from gateway import outcomes
+    from gateway.store import queries as q
+
+    h = await start_gateway(dispatch={"webhook_backoff_seconds": [1.0]})
+    await h.register()
+    h.core.answers.extend([503] * 3)  # the first outcome's quick tries are all refused
+    h.banks["bank-a"].script(SUCCEED)
+    await h.accepted("T-WH-ORDER")
+    await h.wait_status("T-WH-ORDER", "succeeded")
+
+    async def backing_off() -> bool:
+        rows = await h.outbox("webhook")
+        return h.core.refused == 3 and len(rows) == 1 and rows[0]["leased_until"] is None
+
+    await eventually(backing_off, "the first webhook to wait out its back-off")
+    async with h.pool.acquire() as conn, conn.transaction():  # as resolve_break does
+        d = await q.find_by_txn(conn, "T-WH-ORDER")
+        assert d is not None
+        attempt = (await q.attempts_of(conn, [d["id"]]))[d["id"]][-1]
+        a = await q.lock_attempt(conn, attempt["id"])
+        await outcomes.correct_terminal(conn, h.svc, a, "failed", by="ops", reason="not paid")
+
+    await eventually(lambda: _quiet(h, 2), "both webhooks to be delivered")
+    assert [_verified(d)["status"] for d in h.core.deliveries] == ["succeeded", "failed"]
