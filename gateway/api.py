@@ -14,6 +14,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from connectors.base import BankStatus
 from connectors.errors import CallbackRejected
 from gateway import outcomes, pii, states, vouchers
 from gateway.context import Services
@@ -328,7 +329,10 @@ async def bank_callback(request: web.Request) -> web.StreamResponse:
     # read without a lock and read again if it moves before that statement
     settle = outcomes.Settle(nonce=(funder_id, event.nonce))
 
+    decided: list[asyncpg.Record] = []  # the row the last decision was made from
+
     async def apply(a: asyncpg.Record) -> bool | None:
+        decided[:] = [a]
         if event.amount is not None and event.amount != a["amount"]:
             await outcomes.settle_only(conn, a, settle)  # the nonce is spent all the same
             return None
@@ -358,6 +362,15 @@ async def bank_callback(request: web.Request) -> web.StreamResponse:
         )
         svc.metrics.callback(funder_id, "refused", "amount_mismatch")
         return connector.callback_ack(True)
+    if not moved and event.status == BankStatus.SUCCEEDED and decided[0]["status"] == "failed":
+        # acknowledged as the contract says (stale), but the bank paid an order we failed,
+        # perhaps after failing it over: money may have moved twice. Reconciliation raises
+        # the break at night; ops hear of it now
+        svc.metrics.paid_after_failure(funder_id)
+        log.error(
+            "callback.paid_after_failure", funder_id=funder_id, order_no=event.order_no,
+            txn_no=a["txn_no"], bank_ref=event.bank_ref,
+        )  # fmt: skip
     svc.metrics.callback(funder_id, "accepted" if moved else "duplicate", None)
     log.info("callback.received", funder_id=funder_id, status=str(event.status), applied=moved)
     return connector.callback_ack(True)

@@ -46,6 +46,8 @@ Inbound callbacks and outbound webhooks
     fundgate_callbacks_total{funder,result}              counter: accepted | duplicate | refused
     fundgate_callbacks_refused_total{funder,reason}      counter: refusals by reason
         (bad_signature | stale | replayed | malformed | unknown_order | amount_mismatch)
+    fundgate_callbacks_paid_after_failure_total{funder}  counter: a bank reported paid an
+        order fundgate holds as failed (refused, or failed over): money may have moved twice
     fundgate_webhooks_total{outcome}                     counter: deliveries to the lending
         core by outcome: delivered | failed (a failed one is retried)
 
@@ -239,6 +241,12 @@ class Metrics:
             ("funder", "reason"),
             registry=r,
         )
+        self.callbacks_paid_after_failure = Counter(
+            "fundgate_callbacks_paid_after_failure_total",
+            "Bank callbacks reporting paid an order fundgate holds as failed, by funder.",
+            ("funder",),
+            registry=r,
+        )
         self.webhooks = Counter(
             "fundgate_webhooks_total",
             "Outcome webhook deliveries to the lending core, by outcome (delivered, failed).",
@@ -387,6 +395,9 @@ class Metrics:
         self.callbacks.labels(funder=funder, result=result).inc()
         if result == "refused":
             self.callbacks_refused.labels(funder=funder, reason=reason or "unspecified").inc()
+
+    def paid_after_failure(self, funder: str) -> None:
+        self.callbacks_paid_after_failure.labels(funder=funder).inc()
 
     def webhook(self, outcome: WebhookOutcome) -> None:
         self.webhooks.labels(outcome=outcome).inc()

@@ -245,3 +245,40 @@ async def test_a_remembered_attempt_another_process_moved_is_read_again(
     # a stale duplicate from the sender's memory changes nothing either
     assert await h.callback("bank-a", *bank.callback(order_no, BankStatus.PROCESSING)) == 200
     assert (await h.get("T-CB-TWO"))["status"] == "succeeded"
+
+
+@pytest.mark.asyncio
+async def test_a_bank_paying_an_order_failed_over_from_is_acknowledged_and_raised(
+    start_gateway: StartGateway,
+) -> None:
+    """The report is stale (nothing moves, the bank gets its acknowledgement), but money may
+    have moved twice: it is counted for the FundgateBankPaidAfterFailure alert."""
+    from tests.fakes import SUCCEED, reject
+
+    h = await start_gateway()
+    await h.register()
+    h.banks["bank-a"].script(reject(pre_execution=True))
+    h.banks["bank-b"].script(SUCCEED)
+    await h.accepted("T-CB-TWICE")
+    d = await h.wait_status("T-CB-TWICE", "succeeded")
+    first = d["attempts"][0]
+    assert (first["funder_id"], first["status"]) == ("bank-a", "failed")
+
+    def paid_after_failure() -> float:
+        value = h.svc.metrics.registry.get_sample_value(
+            "fundgate_callbacks_paid_after_failure_total", {"funder": "bank-a"}
+        )
+        return value or 0.0
+
+    bank = h.banks["bank-a"]
+    headers, body = bank.callback(first["order_no"], BankStatus.SUCCEEDED)
+    assert await h.callback("bank-a", headers, body) == 200
+    assert paid_after_failure() == 1
+    d = await h.get("T-CB-TWICE")
+    assert [(a["funder_id"], a["status"]) for a in d["attempts"]] == [
+        ("bank-a", "failed"),
+        ("bank-b", "succeeded"),
+    ]
+    # a report that the failed order failed is no such news
+    assert await h.callback("bank-a", *bank.callback(first["order_no"], BankStatus.FAILED)) == 200
+    assert paid_after_failure() == 1

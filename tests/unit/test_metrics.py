@@ -28,6 +28,7 @@ CATALOGUE = {
     "fundgate_attempts_escalated": "counter",
     "fundgate_attempts_escalated_unresolved": "gauge",
     "fundgate_callbacks": "counter",
+    "fundgate_callbacks_paid_after_failure": "counter",
     "fundgate_callbacks_refused": "counter",
     "fundgate_webhooks": "counter",
     "fundgate_db_pool_exhausted": "counter",
@@ -170,6 +171,7 @@ def test_no_label_can_carry_a_transaction_or_account() -> None:
     m.set_attempts_unknown("bank-a", 1)
     m.attempt_escalated("bank-a")
     m.callback("bank-a", "refused", "bad_signature")
+    m.paid_after_failure("bank-a")
     m.webhook("failed")
     m.set_circuit_state("bank-a", "open")
     m.set_attempts_unknown_oldest_age("bank-a", 1.0)
