@@ -386,6 +386,18 @@ class Dispatcher(_Loop):
             await note_circuit(conn, svc, a["funder_id"])
             locked = await q.lock_attempt(conn, a["id"])
             assert locked is not None
+            held = await q.lock_outbox(conn, row["id"])
+            # this call outlived its lease: the row was claimed again (or settled) since, and
+            # that claim's request may be at the bank now, its outcome not recorded yet
+            superseded = held is None or held["tries"] != row["tries"]
+            if superseded and (
+                isinstance(result, NotSent)
+                or (isinstance(result, Rejected) and result.pre_execution)
+            ):
+                # "not sent" or "refused before execution" speaks for this request alone: it
+                # neither counts towards a fail-over nor settles the row of the later claim
+                log.warning("dispatcher.superseded", order_no=a["order_no"], detail=_error(result))
+                return
             earlier_unrecorded = row["tries"] > locked["not_sent_count"] + 1
             if (
                 earlier_unrecorded
@@ -400,6 +412,8 @@ class Dispatcher(_Loop):
                     f"{result.message}; an earlier send of this order has no recorded outcome"
                 )
             finished = await self._apply(conn, locked, result)
+            if superseded:
+                return  # the row is its later claim's to settle
             if finished:
                 await q.finish_outbox(conn, row["id"])
             else:

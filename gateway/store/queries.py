@@ -493,6 +493,13 @@ async def release_leases(conn: Conn, outbox_ids: list[int]) -> None:
     )
 
 
+async def lock_outbox(conn: Conn, outbox_id: int) -> asyncpg.Record | None:
+    """The outbox row, locked for this transaction (None once it is finished)."""
+    return await conn.fetchrow(
+        "SELECT tries, leased_until FROM outbox WHERE id = $1 FOR UPDATE", outbox_id
+    )
+
+
 async def finish_outbox(conn: Conn, outbox_id: int) -> None:
     await conn.execute("DELETE FROM outbox WHERE id = $1", outbox_id)
 
