@@ -309,12 +309,14 @@ class Dispatcher(_Loop):
             return
         connector = svc.connectors[a["funder_id"]]
         breaker = svc.breakers[a["funder_id"]]
+        # built before `allow()`: once the half-open circuit's one probe is handed out, only
+        # `record()` gives it back, so nothing may fail between the two
+        order = payout_order(svc, a)
         if not breaker.allow():
             # the funder's circuit is open: hold the payout without calling, not a try
             async with svc.pool.acquire() as conn:
                 await q.defer_outbox(conn, row["id"], breaker.retry_in())
             return
-        order = payout_order(svc, a)
         async with self.limits[a["funder_id"]]:
             result = await self._call(connector.name, order)
         breaker.record(outcome_of(result))
@@ -341,12 +343,12 @@ class Dispatcher(_Loop):
             return
         connector = svc.connectors[funder_id]
         breaker = svc.breakers[funder_id]
+        orders = [payout_order(svc, a) for _, a in ready]  # before `allow()`, as in `handle`
         if not breaker.allow():
             async with svc.pool.acquire() as conn:
                 for row, _ in ready:
                     await q.defer_outbox(conn, row["id"], breaker.retry_in())
             return
-        orders = [payout_order(svc, a) for _, a in ready]
         async with self.limits[funder_id]:
             results = await self._call_batch(connector.name, orders)
         breaker.record(call_outcome(results))
