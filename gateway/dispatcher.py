@@ -530,6 +530,19 @@ class Dispatcher(_Loop):
             err = {**_error(result), "pre_execution": result.pre_execution}
             if result.pre_execution and a["status"] == "accepted":
                 await fail_over(conn, svc, a, err, source="dispatch")
+            elif result.pre_execution and a["status"] in states.QUERYABLE:
+                # a re-send of an order sent before (the poller's NOT_FOUND re-send): refused
+                # before execution, it moved no money itself but says nothing about the first
+                # request, whose outcome is not known. Only the bank's answer about the order
+                # (a query, the statement) settles it; the attempt stays scheduled for those
+                await q.update_attempt(
+                    conn,
+                    a["id"],
+                    svc.clock(),
+                    error=err,
+                    next_query_at=a["next_query_at"]
+                    or svc.clock() + timedelta(seconds=query_delay(svc, 0)),
+                )
             else:
                 await move(conn, svc, a, "failed", error=err, source="dispatch")
             return True
