@@ -146,9 +146,15 @@ class _Loop:
         for row in rows:
             await self.handle(row)
 
-    async def release(self, conn: q.Conn, ids: list[int]) -> None:
-        """Hand claimed work back at once (shutdown) instead of waiting for the lease."""
+    async def release(self, conn: q.Conn, ids: list[int], untried: dict[int, int]) -> None:
+        """Hand claimed work back at once (shutdown) instead of waiting for the lease;
+        `untried` (of `untried_of`) is the part whose work never began."""
         raise NotImplementedError
+
+    def untried_of(self, ids: list[int]) -> dict[int, int]:
+        """Of the claimed `ids`, those whose work has not begun, with what their claim
+        counted; read before the drain cancels anything. None by default."""
+        return {}
 
     async def _guarded(self, rows: list[asyncpg.Record]) -> None:
         try:
@@ -223,6 +229,7 @@ class _Loop:
             return
         _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
         ids = [i for t in pending for i in self.claimed.get(t, [])]
+        untried = self.untried_of(ids)
         for t in pending:
             t.cancel()
         if pending:
@@ -230,7 +237,7 @@ class _Loop:
         if ids:
             try:
                 async with self.svc.pool.acquire(timeout=2) as conn:
-                    await self.release(conn, ids)
+                    await self.release(conn, ids, untried)
                 log.info(f"{self.name}.released", rows=len(ids))
             except (TimeoutError, OSError, asyncpg.PostgresError) as e:
                 log.warning(f"{self.name}.release_failed", error=str(e), rows=len(ids))
@@ -250,9 +257,14 @@ class Dispatcher(_Loop):
         # outbox row id -> its attempt, read with the claim (one query for all claimed rows
         # instead of one per row); taken by the row's handler, dropped when its task ends
         self.attempts: dict[int, asyncpg.Record] = {}
+        # outbox row id -> the tries its claim counted, while claimed; and the claimed rows
+        # whose bank call has begun (the others are handed back at shutdown as not tried)
+        self.tries: dict[int, int] = {}
+        self.calling: set[int] = set()
 
     async def claim(self, conn: q.Conn, n: int) -> list[asyncpg.Record]:
         rows = await q.claim(conn, "dispatch", n, self.svc.cfg.dispatch.lease_seconds)
+        self.tries.update((r["id"], r["tries"]) for r in rows)
         if rows:
             found = await q.load_attempts(conn, [r["ref_id"] for r in rows])
             self.attempts.update(
@@ -269,10 +281,17 @@ class Dispatcher(_Loop):
     def _done(self, t: asyncio.Task[None]) -> None:
         for row_id in self.claimed.get(t, ()):
             self.attempts.pop(row_id, None)
+            self.tries.pop(row_id, None)
+            self.calling.discard(row_id)
         super()._done(t)
 
-    async def release(self, conn: q.Conn, ids: list[int]) -> None:
-        await q.release_leases(conn, ids)
+    def untried_of(self, ids: list[int]) -> dict[int, int]:
+        return {i: self.tries[i] for i in ids if i not in self.calling and i in self.tries}
+
+    async def release(self, conn: q.Conn, ids: list[int], untried: dict[int, int]) -> None:
+        # a row whose bank call began keeps its try: that request may have reached the bank
+        await q.release_leases(conn, [i for i in ids if i not in untried])
+        await q.release_untried(conn, untried)
 
     def units(self, rows: list[asyncpg.Record]) -> list[list[asyncpg.Record]]:
         """Rows of one batching funder travel together, up to its batch size; a row whose
@@ -318,6 +337,7 @@ class Dispatcher(_Loop):
                 await q.defer_outbox(conn, row["id"], breaker.retry_in())
             return
         async with self.limits[a["funder_id"]]:
+            self.calling.add(row["id"])
             result = await self._call(connector.name, order)
         breaker.record(outcome_of(result))
         await self._record(row, a, result)
@@ -350,6 +370,7 @@ class Dispatcher(_Loop):
                     await q.defer_outbox(conn, row["id"], breaker.retry_in())
             return
         async with self.limits[funder_id]:
+            self.calling.update(row["id"] for row, _ in ready)
             results = await self._call_batch(connector.name, orders)
         breaker.record(call_outcome(results))
         for (row, a), result in zip(ready, results, strict=True):
@@ -579,7 +600,7 @@ class Poller(_Loop):
     async def claim(self, conn: q.Conn, n: int) -> list[asyncpg.Record]:
         return await q.claim_queries(conn, n, self.svc.cfg.dispatch.lease_seconds)
 
-    async def release(self, conn: q.Conn, ids: list[int]) -> None:
+    async def release(self, conn: q.Conn, ids: list[int], untried: dict[int, int]) -> None:
         await q.release_queries(conn, ids)
 
     async def handle(self, row: asyncpg.Record) -> None:

@@ -105,7 +105,7 @@ class Notifier(_Loop):
             except (TimeoutError, OSError, asyncpg.PostgresError) as e:
                 log.warning("notifier.finish_failed", error=str(e), rows=len(self.delivered))
 
-    async def release(self, conn: q.Conn, ids: list[int]) -> None:
+    async def release(self, conn: q.Conn, ids: list[int], untried: dict[int, int]) -> None:
         await q.release_leases(conn, ids)
 
     async def _post(self, payload: dict[str, Any]) -> None:

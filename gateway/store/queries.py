@@ -500,6 +500,20 @@ async def lock_outbox(conn: Conn, outbox_id: int) -> asyncpg.Record | None:
     )
 
 
+async def release_untried(conn: Conn, tries: dict[int, int]) -> None:
+    """Hand back leased rows whose bank call never began (outbox row id -> the tries their
+    claim counted): not a try, as `defer_outbox`. A row claimed again since is left alone."""
+    if not tries:
+        return
+    await conn.execute(
+        """UPDATE outbox AS o SET leased_until = NULL, tries = o.tries - 1
+             FROM unnest($1::bigint[], $2::integer[]) AS c (id, tries)
+            WHERE o.id = c.id AND o.tries = c.tries AND o.leased_until IS NOT NULL""",
+        list(tries),
+        list(tries.values()),
+    )
+
+
 async def finish_outbox(conn: Conn, outbox_id: int) -> None:
     await conn.execute("DELETE FROM outbox WHERE id = $1", outbox_id)
 
