@@ -636,6 +636,15 @@ class Poller(_Loop):
                     fail_code=result.fail_code, fail_reason=result.fail_reason, source="query",
                 )  # fmt: skip
             elif result is not None and result.status == BankStatus.NOT_FOUND:
+                if a["status"] != "unknown":
+                    # the bank had taken the order (accepted, processing) and now does not find
+                    # it: what became of it is not known. The dispatcher re-sends only orders
+                    # it has not got or whose outcome is unknown; left `sent`, the re-send
+                    # would be dropped at every query, and the attempt never escalated
+                    moved = await move(
+                        conn, svc, a, "unknown", source="query",
+                        error={"code": "not_found", "message": "the bank no longer finds it"},
+                    )  # fmt: skip
                 # the bank never executed it: re-send the same order number (idempotent there)
                 if not await conn.fetchval(
                     "SELECT 1 FROM outbox WHERE kind = 'dispatch' AND ref_id = $1", a["id"]
