@@ -28,6 +28,7 @@ from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
 import httpx
+import pytest
 from aiohttp import web
 
 from config.models import Funder, StatementConfig
@@ -409,3 +410,11 @@ def bank_day() -> date:
     from zoneinfo import ZoneInfo
 
     return datetime.now(ZoneInfo("Asia/Shanghai")).date()
+
+
+# a check of the suites that run once per connector (its simulated bank included)
+each = pytest.mark.parametrize("harness", list(HARNESSES.values()), ids=list(HARNESSES))
+
+
+def now() -> float:
+    return time.time()

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import pytest_asyncio
 
 from config.loader import CONNECTOR_GROUP
 from config.models import Funder
@@ -22,32 +21,20 @@ from connectors.base import BankConnector, BankStatus
 from connectors.errors import CallbackRejected, ConnectorError, NotSent, OutcomeUnknown, Rejected
 from connectors.template.connector import TemplateConnector
 from tests.connectors.conformance import (
-    HARNESSES,
     SHORT_TIMEOUT_SECONDS,
     CallbackInbox,
     Faults,
     Harness,
     bank_day,
     closed_port_url,
+    each,
     eventually,
+    now,
     order,
 )
 
 STATEMENT_LINES = 100_000
 CHUNK_BYTES = 64 * 1024
-
-# every check runs once per registered connector
-each = pytest.mark.parametrize("harness", list(HARNESSES.values()), ids=list(HARNESSES))
-
-
-@pytest_asyncio.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as c:
-        yield c
-
-
-def now() -> float:
-    return time.time()
 
 
 def skewed_clock(seconds: float) -> Callable[[], float]:

@@ -4,14 +4,13 @@ input from the bank (XML bombs, truncated XML, HTML, wrong signatures)."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
 from lxml import etree
 from structlog.testing import capture_logs
 
@@ -190,12 +189,6 @@ def pain002(code: str, reason: str | None = None, order_no: str = "CF1-1") -> by
 def signed(body: bytes, status: int = 200, *, secret: str = SECRET) -> httpx.Response:
     headers = wire.signed_headers(secret, body, timestamp=str(int(time.time())), nonce="n1")
     return httpx.Response(status, content=body, headers=headers)
-
-
-@pytest_asyncio.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as c:
-        yield c
 
 
 async def disburse_with(answer: Callable[[], httpx.Response]) -> Any:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
 
 from config.models import Funder
 from connectors.base import (
@@ -254,12 +253,6 @@ async def test_disburse_of_one_order_raises_what_the_batch_would_return() -> Non
 
 
 # --- against the sandbox bank ----------------------------------------------------------------
-
-
-@pytest_asyncio.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as c:
-        yield c
 
 
 async def start_bank(**faults: Any) -> tuple[iso_bank.IsoBank, Any, str]:

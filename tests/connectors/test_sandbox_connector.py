@@ -8,7 +8,6 @@ from datetime import UTC, date, datetime
 
 import httpx
 import pytest
-import pytest_asyncio
 import respx
 
 from config.models import Funder
@@ -109,12 +108,6 @@ class Clock:
 def bank() -> Iterator[respx.MockRouter]:
     with respx.mock(base_url=BASE, assert_all_called=False) as router:
         yield router
-
-
-@pytest_asyncio.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as c:
-        yield c
 
 
 @pytest.fixture

@@ -4,13 +4,11 @@ fault the operator asks for is either played or refused, never silently left out
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
 
 import httpx
 import pytest
-import pytest_asyncio
 
 from connectors.base import BankStatus
 from gateway.cli import build_parser, main, other_bank_options
@@ -20,27 +18,17 @@ from tests.connectors.conformance import (
     CallbackInbox,
     Faults,
     Harness,
+    each,
     eventually,
+    now,
     order,
 )
 
-# every check runs once per protocol's simulated bank
-each = pytest.mark.parametrize("harness", list(HARNESSES.values()), ids=list(HARNESSES))
 OTHER_PROTOCOLS = ["signed_json", "iso20022"]
 # long enough to tell from a loopback round trip, short enough for the suite
 DELAY_MS = 300
 # how long a callback that should not come is waited for (settling takes 10 ms)
 QUIET_SECONDS = 0.3
-
-
-@pytest_asyncio.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as c:
-        yield c
-
-
-def now() -> float:
-    return time.time()
 
 
 @each

@@ -27,6 +27,7 @@ from connectors.base import BankConnector
 from gateway.api import SERVICES
 from gateway.app import Role, create_app
 from gateway.context import Services
+from gateway.dispatcher import Dispatcher, Poller
 from gateway.store import queries as q
 from tests.fakes import FakeBank
 
@@ -279,3 +280,22 @@ async def start_gateway(
             await h.client.close()
     for h in started:
         h.assert_paid_at_most_once()
+
+
+async def query_now(h: Harness, poller: Poller) -> None:
+    """Make every scheduled status query due and run the poller on the one attempt."""
+    async with h.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE attempts SET next_query_at = now() WHERE next_query_at IS NOT NULL"
+        )
+        rows = await poller.claim(conn, 10)
+    assert len(rows) == 1
+    await poller.handle(rows[0])
+
+
+async def dispatch_one(h: Harness, dispatcher: Dispatcher) -> None:
+    """Claim the one ready payout and send it, as the dispatcher's loop would."""
+    async with h.pool.acquire() as conn:
+        rows = await dispatcher.claim(conn, 10)
+    assert len(rows) == 1
+    await dispatcher.handle(rows[0])

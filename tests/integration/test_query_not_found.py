@@ -8,26 +8,9 @@ from __future__ import annotations
 import pytest
 
 from gateway.dispatcher import Dispatcher, Poller
-from tests.integration.conftest import Harness, StartGateway
+from tests.integration.conftest import StartGateway, dispatch_one, query_now
 
 pytestmark = pytest.mark.integration
-
-
-async def _query_now(h: Harness, poller: Poller) -> None:
-    async with h.pool.acquire() as conn:
-        await conn.execute(
-            "UPDATE attempts SET next_query_at = now() WHERE next_query_at IS NOT NULL"
-        )
-        rows = await poller.claim(conn, 10)
-    assert len(rows) == 1
-    await poller.handle(rows[0])
-
-
-async def _dispatch(h: Harness, dispatcher: Dispatcher) -> None:
-    async with h.pool.acquire() as conn:
-        rows = await dispatcher.claim(conn, 10)
-    assert len(rows) == 1
-    await dispatcher.handle(rows[0])
 
 
 @pytest.mark.asyncio
@@ -41,13 +24,13 @@ async def test_an_accepted_order_the_bank_no_longer_finds_is_resent_not_left_sen
     bank = h.banks["bank-a"]
     dispatcher, poller = Dispatcher(h.svc), Poller(h.svc)
 
-    await _dispatch(h, dispatcher)
+    await dispatch_one(h, dispatcher)
     assert (await h.get("T-LOST-AT-BANK"))["status"] == "sent"
     del bank.ledger[order_no]  # the bank's query no longer knows the order it accepted
 
-    await _query_now(h, poller)
-    await _dispatch(h, dispatcher)  # the re-send the query asked for
+    await query_now(h, poller)
+    await dispatch_one(h, dispatcher)  # the re-send the query asked for
     assert len(bank.calls_for(order_no)) == 2
     assert order_no in bank.ledger
-    await _query_now(h, poller)
+    await query_now(h, poller)
     assert (await h.get("T-LOST-AT-BANK"))["status"] == "processing"

@@ -11,26 +11,9 @@ from connectors.base import BankStatus
 from gateway.dispatcher import Dispatcher, Poller, payout_order
 from gateway.store import queries as q
 from tests.fakes import PROCESS, REFUSE_REQUEST, unknown
-from tests.integration.conftest import Harness, StartGateway
+from tests.integration.conftest import StartGateway, dispatch_one, query_now
 
 pytestmark = pytest.mark.integration
-
-
-async def _query_now(h: Harness, poller: Poller) -> None:
-    async with h.pool.acquire() as conn:
-        await conn.execute(
-            "UPDATE attempts SET next_query_at = now() WHERE next_query_at IS NOT NULL"
-        )
-        rows = await poller.claim(conn, 10)
-    assert len(rows) == 1
-    await poller.handle(rows[0])
-
-
-async def _dispatch(h: Harness, dispatcher: Dispatcher) -> None:
-    async with h.pool.acquire() as conn:
-        rows = await dispatcher.claim(conn, 10)
-    assert len(rows) == 1
-    await dispatcher.handle(rows[0])
 
 
 @pytest.mark.asyncio
@@ -45,9 +28,9 @@ async def test_a_refused_resend_of_an_unknown_order_leaves_it_to_the_bank_to_set
     dispatcher, poller = Dispatcher(h.svc), Poller(h.svc)
 
     bank.script(unknown(executed=False))  # the answer is lost, the bank has not got it (yet)
-    await _dispatch(h, dispatcher)
+    await dispatch_one(h, dispatcher)
     assert (await h.get("T-UNKNOWN-REFUSED"))["status"] == "unknown"
-    await _query_now(h, poller)  # NOT_FOUND: the order is queued for a re-send
+    await query_now(h, poller)  # NOT_FOUND: the order is queued for a re-send
     assert len(await h.outbox("dispatch")) == 1
 
     # the first request reaches the bank late, and the bank executes it ...
@@ -58,16 +41,16 @@ async def test_a_refused_resend_of_an_unknown_order_leaves_it_to_the_bank_to_set
     await bank.disburse(payout_order(h.svc, a))
     # ... while the re-send is refused before the bank reads it (an HTTP 401, say)
     bank.default = REFUSE_REQUEST
-    await _dispatch(h, dispatcher)
+    await dispatch_one(h, dispatcher)
 
     d = await h.get("T-UNKNOWN-REFUSED")
     assert d["status"] == "unknown", d  # not failed on the re-send's refusal
     assert await h.outbox("dispatch") == []
 
-    await _query_now(h, poller)  # the bank's own answer about the order
+    await query_now(h, poller)  # the bank's own answer about the order
     assert (await h.get("T-UNKNOWN-REFUSED"))["status"] == "processing"
     bank.settle(order_no, BankStatus.SUCCEEDED)
-    await _query_now(h, poller)
+    await query_now(h, poller)
     d = await h.get("T-UNKNOWN-REFUSED")
     assert d["status"] == "succeeded"
     assert bank.executions == {order_no: 1}
