@@ -37,6 +37,9 @@ Work queues and stuck payouts
     fundgate_attempts_unknown{funder}            gauge: attempts whose outcome is unknown now
     fundgate_attempts_unknown_oldest_age_seconds{funder}   gauge: how long the oldest of them
                                                  has been unknown; 0 when none is
+    fundgate_attempts_at_bank_oldest_age_seconds{funder}   gauge: how long the oldest payout
+                                                 the bank has taken (sent, processing) has
+                                                 waited for its outcome; 0 when none waits
     fundgate_attempts_escalated_total{funder}    counter: unknown attempts handed to a person
                                                  (counted by the process that escalated)
     fundgate_attempts_escalated_unresolved{funder}   gauge: escalated attempts still unknown
@@ -216,6 +219,13 @@ class Metrics:
             ("funder",),
             registry=r,
         )
+        self.attempts_at_bank_oldest_age = Gauge(
+            "fundgate_attempts_at_bank_oldest_age_seconds",
+            "How long the oldest payout the bank has taken (sent, processing) has waited for"
+            " its outcome, by funder; 0 when none waits.",
+            ("funder",),
+            registry=r,
+        )
         self.attempts_escalated = Counter(
             "fundgate_attempts_escalated_total",
             "Unknown attempts escalated to a person, by funder.",
@@ -383,6 +393,9 @@ class Metrics:
 
     def set_attempts_unknown_oldest_age(self, funder: str, seconds: float) -> None:
         self.attempts_unknown_oldest_age.labels(funder=funder).set(seconds)
+
+    def set_attempts_at_bank_oldest_age(self, funder: str, seconds: float) -> None:
+        self.attempts_at_bank_oldest_age.labels(funder=funder).set(seconds)
 
     def attempt_escalated(self, funder: str) -> None:
         self.attempts_escalated.labels(funder=funder).inc()

@@ -670,6 +670,17 @@ async def stuck_attempts(conn: Conn) -> dict[str, asyncpg.Record]:
     return {r["funder_id"]: r for r in rows}
 
 
+async def waiting_at_bank(conn: Conn) -> dict[str, float]:
+    """Per funder: how long the oldest attempt the bank has taken (`sent`, `processing`) has
+    gone without a change, in seconds (the open attempts' partial index, migration 0005)."""
+    rows = await conn.fetch(
+        "SELECT funder_id,"
+        " greatest(extract(epoch FROM now() - min(updated_at)), 0)::float8 AS oldest"
+        " FROM attempts WHERE status IN ('sent', 'processing') GROUP BY funder_id"
+    )
+    return {r["funder_id"]: r["oldest"] for r in rows}
+
+
 async def voucher_chain_stats(conn: Conn) -> asyncpg.Record | None:
     # max(seq) reads the unique index; the unsealed rows have a partial index
     return await conn.fetchrow(

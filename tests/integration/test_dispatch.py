@@ -369,3 +369,28 @@ async def test_a_fail_over_chosen_as_a_deadlock_victim_is_done_again_not_left_to
     ]
     usage = await h.usage()
     assert (usage[q.funder_scope("bank-a")], usage[q.funder_scope("bank-b")]) == (0, AMOUNT)
+
+
+@pytest.mark.asyncio
+async def test_a_payout_the_bank_holds_without_an_outcome_shows_its_age(
+    start_gateway: StartGateway,
+) -> None:
+    """`fundgate_attempts_at_bank_oldest_age_seconds` (FundgatePayoutsWaitingAtBank): how
+    long the oldest sent or processing payout has waited; 0 for a funder with none."""
+    from gateway import housekeeping
+
+    h = await _started(start_gateway)
+    h.banks["bank-a"].script(ACCEPT)
+    await h.accepted("T-AT-BANK")
+    await h.wait_status("T-AT-BANK", "sent")
+    async with h.pool.acquire() as conn:
+        await conn.execute("UPDATE attempts SET updated_at = now() - interval '5 hours'")
+    await housekeeping.refresh(h.svc)
+
+    def age(funder: str) -> float | None:
+        return h.svc.metrics.registry.get_sample_value(
+            "fundgate_attempts_at_bank_oldest_age_seconds", {"funder": funder}
+        )
+
+    assert 5 * 3600 <= (age("bank-a") or 0) < 5 * 3600 + 60
+    assert age("bank-b") == 0

@@ -25,6 +25,7 @@ CATALOGUE = {
     "fundgate_outbox_oldest_age_seconds": "gauge",
     "fundgate_attempts_unknown": "gauge",
     "fundgate_attempts_unknown_oldest_age_seconds": "gauge",
+    "fundgate_attempts_at_bank_oldest_age_seconds": "gauge",
     "fundgate_attempts_escalated": "counter",
     "fundgate_attempts_escalated_unresolved": "gauge",
     "fundgate_callbacks": "counter",
@@ -175,6 +176,7 @@ def test_no_label_can_carry_a_transaction_or_account() -> None:
     m.webhook("failed")
     m.set_circuit_state("bank-a", "open")
     m.set_attempts_unknown_oldest_age("bank-a", 1.0)
+    m.set_attempts_at_bank_oldest_age("bank-a", 1.0)
     m.set_attempts_escalated_unresolved("bank-a", 1)
     m.set_recon_breaks("bank-a", {"missing_at_bank": 1})
     m.recon_run("bank-a", "succeeded", 1.0, 10)
