@@ -40,6 +40,7 @@ EMPTY_WHEN_HEALTHY = {
     ("Unresolved reconciliation breaks", "A"): "no reconciliation has run",
     ("Since last successful reconciliation", "A"): "no reconciliation has run",
     ("Voucher sealing and verification", "B"): "no verification in the gateway process",
+    ("Bank callbacks by result", "B"): "no bank has paid an order fundgate failed",
 }
 
 
