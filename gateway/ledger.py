@@ -226,7 +226,18 @@ async def _unbalanced(conn: q.Conn) -> AsyncIterator[asyncpg.Record]:
 
 
 async def verify(conn: q.Conn) -> LedgerCheck:
-    """Every transaction balances, and the journal agrees with the operational tables."""
+    """Every transaction balances, and the journal agrees with the operational tables.
+
+    All of it is read from one snapshot: on a live gateway, a posting committed between two
+    of the reads (a prefund withdrawal between the journal's balances and the prefund table)
+    would otherwise show a disagreement that is not there, or hide one that is."""
+    if conn.is_in_transaction():  # the caller's transaction decides what it sees
+        return await _verify(conn)
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        return await _verify(conn)
+
+
+async def _verify(conn: q.Conn) -> LedgerCheck:
     out = LedgerCheck()
     out.transactions = int(await conn.fetchval("SELECT count(*) FROM ledger_transactions"))
     async for r in _unbalanced(conn):

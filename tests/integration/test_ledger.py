@@ -276,3 +276,42 @@ async def test_a_reversal_refused_for_want_of_prefund_leaves_the_limits_untouche
     assert await h.prefund() == left
     check = await _verified(h)
     assert check.ok, check.problems
+
+
+class _WithdrawsBeforePrefundRead:
+    """A connection on which, just before `verify` reads the prefund table, a withdrawal of
+    `amount` commits through the API: what a live gateway may do while verify runs."""
+
+    def __init__(self, conn: asyncpg.Connection, h: Harness, amount: int) -> None:
+        self._conn, self._h, self._amount, self.fired = conn, h, amount, False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+    async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        if "FROM prefund" in sql and not self.fired:
+            self.fired = True
+            resp = await self._h.client.post(
+                "/v1/funders/bank-b/prefund",
+                json={"reference": "WD-DURING-VERIFY", "amount": -self._amount},
+                headers=AUTH,
+            )
+            assert resp.status == 201, await resp.text()
+        return await self._conn.fetch(sql, *args)
+
+
+@pytest.mark.asyncio
+async def test_verify_reads_one_moment_so_a_concurrent_withdrawal_hides_nothing(
+    start_gateway: StartGateway,
+) -> None:
+    """The prefund table and the journal disagree by 1,000 fen; a withdrawal of 1,000 fen
+    committing between verify's read of the journal and its read of the table must not make
+    them look equal: verify compares one snapshot of both."""
+    h = await start_gateway()
+    async with h.pool.acquire() as conn:
+        await conn.execute("UPDATE prefund SET balance = balance + 1000 WHERE funder_id = 'bank-b'")
+        racing = _WithdrawsBeforePrefundRead(conn, h, 1000)
+        check = await ledger.verify(racing)  # type: ignore[arg-type]
+        assert racing.fired
+        assert not check.ok
+        assert any("prefund of bank-b" in p for p in check.problems), check.problems
