@@ -226,7 +226,9 @@ async def _unbalanced(conn: q.Conn) -> AsyncIterator[asyncpg.Record]:
 
 
 async def verify(conn: q.Conn) -> LedgerCheck:
-    """Every transaction balances, and the journal agrees with the operational tables.
+    """Every transaction balances, and the journal agrees with the operational tables: the
+    custody accounts with the prefund, transit with the open disbursements, payouts with the
+    succeeded ones, and each funder's account with its shares of both.
 
     All of it is read from one snapshot: on a live gateway, a posting committed between two
     of the reads (a prefund withdrawal between the journal's balances and the prefund table)
@@ -243,12 +245,15 @@ async def _verify(conn: q.Conn) -> LedgerCheck:
     async for r in _unbalanced(conn):
         out.problems.append(f"transaction {r['tx_id']} does not balance (sum {r['total']})")
     bal = await balances(conn)
-    for r in await conn.fetch("SELECT funder_id, balance FROM prefund ORDER BY funder_id"):
-        ledger = bal.get(custody_account(r["funder_id"]), 0)
-        if ledger != r["balance"]:
-            out.problems.append(
-                f"prefund of {r['funder_id']}: table {r['balance']}, ledger {ledger}"
-            )
+    prefund = {
+        r["funder_id"]: r["balance"]
+        for r in await conn.fetch("SELECT funder_id, balance FROM prefund ORDER BY funder_id")
+    }
+    custody = {a.removeprefix("custody:prefund:") for a in bal if a.startswith("custody:prefund:")}
+    for fid in sorted(set(prefund) | custody):  # custody without a prefund row must be empty
+        ledger = bal.get(custody_account(fid), 0)
+        if ledger != prefund.get(fid, 0):
+            out.problems.append(f"prefund of {fid}: table {prefund.get(fid, 0)}, ledger {ledger}")
     open_rows = await conn.fetch(
         "SELECT funder_id, sum(amount)::bigint AS total FROM disbursements"
         " WHERE status NOT IN ('succeeded', 'failed') GROUP BY funder_id"
@@ -269,6 +274,21 @@ async def _verify(conn: q.Conn) -> LedgerCheck:
     )
     if bal.get(PAYOUTS, 0) != paid:
         out.problems.append(f"{PAYOUTS}: {bal.get(PAYOUTS, 0)}, succeeded disbursements {paid}")
+    # a funder's money is out for every disbursement it funds, open or paid: its share
+    funded_rows = await conn.fetch(
+        "SELECT funder_id, sum(alloc_funder)::bigint AS total FROM disbursements"
+        " WHERE status <> 'failed' GROUP BY funder_id"
+    )
+    funded = {r["funder_id"]: r["total"] for r in funded_rows}
+    for fid in sorted(
+        {a.removeprefix("funder:") for a in bal if a.startswith("funder:")} | set(funded)
+    ):  # fmt: skip
+        ledger = bal.get(funder_account(fid), 0)
+        if ledger != -funded.get(fid, 0):
+            out.problems.append(
+                f"{funder_account(fid)}: {ledger}, funder shares of its open and succeeded"
+                f" disbursements {funded.get(fid, 0)}"
+            )
     return out
 
 

@@ -315,3 +315,46 @@ async def test_verify_reads_one_moment_so_a_concurrent_withdrawal_hides_nothing(
         assert racing.fired
         assert not check.ok
         assert any("prefund of bank-b" in p for p in check.problems), check.problems
+
+
+@pytest.mark.asyncio
+async def test_verify_names_a_funders_account_that_disagrees_with_its_disbursements(
+    start_gateway: StartGateway,
+) -> None:
+    """A balanced posting that moves a funder's share onto another funder's account leaves
+    prefund, transit and payouts as they were: only the funders' accounts, compared with the
+    shares of the disbursements they fund, show it."""
+    h = await start_gateway()
+    await h.register()
+    h.banks["bank-a"].script(SUCCEED)
+    h.banks["bank-b"].script(SUCCEED)
+    await h.accepted("L-A", funder_hint="bank-a")
+    await h.accepted("L-B", funder_hint="bank-b")
+    await h.wait_status("L-A", "succeeded")
+    await h.wait_status("L-B", "succeeded")
+    check = await _verified(h)
+    assert check.ok, check.problems
+    async with h.pool.acquire() as conn:
+        await ledger.post(
+            conn, "misposted",
+            [(ledger.funder_account("bank-a"), 100), (ledger.funder_account("bank-b"), -100)],
+            day=h.svc.business_day(),
+        )  # fmt: skip
+    check = await _verified(h)
+    assert not check.ok
+    assert any("funder:bank-a" in p for p in check.problems), check.problems
+    assert any("funder:bank-b" in p for p in check.problems), check.problems
+
+
+@pytest.mark.asyncio
+async def test_verify_names_custody_held_for_a_funder_without_prefund(
+    start_gateway: StartGateway,
+) -> None:
+    h = await start_gateway()  # bank-a is direct: no prefund row, no custody
+    async with h.pool.acquire() as conn:
+        await ledger.custody_move(
+            conn, "bank-a", 100, h.svc.business_day(), kind="misposted", reference="X"
+        )
+    check = await _verified(h)
+    assert not check.ok
+    assert any("prefund of bank-a" in p for p in check.problems), check.problems
