@@ -20,9 +20,10 @@ bank's format. See docs/connectors.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
@@ -418,3 +419,21 @@ each = pytest.mark.parametrize("harness", list(HARNESSES.values()), ids=list(HAR
 
 def now() -> float:
     return time.time()
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    harness: Harness,
+    client: httpx.AsyncClient,
+    faults: Faults | None = None,
+    *,
+    clock: Clock = now,
+    **options: Any,
+) -> AsyncIterator[tuple[Bank, BankConnector]]:
+    """The harness's simulated bank playing `faults`, and its connector to it (the funder's
+    connector options as the harness writes them, plus `options`); the bank closes after."""
+    bank = await harness.start_bank(faults or Faults())
+    try:
+        yield bank, harness.build(harness.funder(bank.base_url, **options), client, clock)
+    finally:
+        await bank.close()

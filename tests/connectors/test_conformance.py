@@ -27,6 +27,7 @@ from tests.connectors.conformance import (
     Harness,
     bank_day,
     closed_port_url,
+    connected,
     each,
     eventually,
     now,
@@ -81,10 +82,8 @@ async def test_connector_satisfies_the_protocol(
 async def test_disburse_callback_query_statement_round_trip(
     harness: Harness, client: httpx.AsyncClient
 ) -> None:
-    bank = await harness.start_bank(Faults())
-    try:
+    async with connected(harness, client) as (bank, connector):
         async with CallbackInbox() as inbox:
-            connector = harness.build(harness.funder(bank.base_url), client, now)
             o = order(1, inbox.url)
             accepted = await connector.disburse(o)
             assert accepted.order_no == o.order_no
@@ -110,8 +109,6 @@ async def test_disburse_callback_query_statement_round_trip(
             ]
             assert bank.executions(o.order_no) == 1
             await connector.aclose()
-    finally:
-        await bank.close()
 
 
 @each
@@ -119,9 +116,7 @@ async def test_disburse_callback_query_statement_round_trip(
 async def test_resending_the_same_order_executes_it_once(
     harness: Harness, client: httpx.AsyncClient
 ) -> None:
-    bank = await harness.start_bank(Faults())
-    try:
-        connector = harness.build(harness.funder(bank.base_url), client, now)
+    async with connected(harness, client) as (bank, connector):
         o = order(2)
         first = await connector.disburse(o)
         again = await asyncio.gather(connector.disburse(o), connector.disburse(o))
@@ -130,8 +125,6 @@ async def test_resending_the_same_order_executes_it_once(
         await connector.disburse(o)
         await asyncio.sleep(0.05)
         assert bank.executions(o.order_no) == 1
-    finally:
-        await bank.close()
 
 
 # --- outcome classes -------------------------------------------------------------------------
@@ -152,15 +145,11 @@ async def test_closed_port_is_not_sent(harness: Harness, client: httpx.AsyncClie
 async def test_bank_refusal_is_rejected_before_execution(
     harness: Harness, client: httpx.AsyncClient
 ) -> None:
-    bank = await harness.start_bank(Faults(reject_rate=1.0))
-    try:
-        connector = harness.build(harness.funder(bank.base_url), client, now)
+    async with connected(harness, client, Faults(reject_rate=1.0)) as (bank, connector):
         with pytest.raises(Rejected) as caught:
             await connector.disburse(order(4))
         assert caught.value.pre_execution is True
         assert bank.executions(order(4).order_no) == 0
-    finally:
-        await bank.close()
 
 
 @each
@@ -168,13 +157,9 @@ async def test_bank_refusal_is_rejected_before_execution(
 async def test_server_error_is_an_unknown_outcome(
     harness: Harness, client: httpx.AsyncClient
 ) -> None:
-    bank = await harness.start_bank(Faults(error_rate=1.0))
-    try:
-        connector = harness.build(harness.funder(bank.base_url), client, now)
+    async with connected(harness, client, Faults(error_rate=1.0)) as (_, connector):
         with pytest.raises(OutcomeUnknown):
             await connector.disburse(order(5))
-    finally:
-        await bank.close()
 
 
 @each
@@ -182,16 +167,13 @@ async def test_server_error_is_an_unknown_outcome(
 async def test_timeout_is_an_unknown_outcome_even_though_the_bank_executed(
     harness: Harness, client: httpx.AsyncClient
 ) -> None:
-    bank = await harness.start_bank(Faults(timeout_rate=1.0))
-    try:
-        funder = harness.funder(bank.base_url, timeout_seconds=SHORT_TIMEOUT_SECONDS)
-        connector = harness.build(funder, client, now)
+    async with connected(
+        harness, client, Faults(timeout_rate=1.0), timeout_seconds=SHORT_TIMEOUT_SECONDS
+    ) as (bank, connector):
         with pytest.raises(OutcomeUnknown):
             await connector.disburse(order(6))
         await eventually(lambda: bank.executions(order(6).order_no) == 1)
         assert (await connector.query(order(6).order_no)).status is BankStatus.SUCCEEDED
-    finally:
-        await bank.close()
 
 
 # --- signatures and clocks -------------------------------------------------------------------
@@ -202,10 +184,8 @@ async def test_timeout_is_an_unknown_outcome_even_though_the_bank_executed(
 async def test_tampered_and_skewed_callbacks_are_refused(
     harness: Harness, client: httpx.AsyncClient
 ) -> None:
-    bank = await harness.start_bank(Faults())
-    try:
+    async with connected(harness, client) as (bank, connector):
         async with CallbackInbox() as inbox:
-            connector = harness.build(harness.funder(bank.base_url), client, now)
             o = order(7, inbox.url)
             await connector.disburse(o)
             headers, body = await inbox.next()
@@ -221,8 +201,6 @@ async def test_tampered_and_skewed_callbacks_are_refused(
                 with pytest.raises(CallbackRejected) as stale:
                     skewed.parse_callback(headers, body)
                 assert stale.value.reason == "stale"
-    finally:
-        await bank.close()
 
 
 @each
@@ -230,14 +208,10 @@ async def test_tampered_and_skewed_callbacks_are_refused(
 async def test_request_from_a_skewed_clock_executes_nothing(
     harness: Harness, client: httpx.AsyncClient
 ) -> None:
-    bank = await harness.start_bank(Faults())
-    try:
-        connector = harness.build(harness.funder(bank.base_url), client, lambda: time.time() - 1000)
+    async with connected(harness, client, clock=lambda: time.time() - 1000) as (bank, connector):
         with pytest.raises(ConnectorError):
             await connector.disburse(order(8))
         assert bank.executions(order(8).order_no) == 0
-    finally:
-        await bank.close()
 
 
 # --- statements ------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from tests.connectors.conformance import (
     CallbackInbox,
     Faults,
     Harness,
+    connected,
     each,
     eventually,
-    now,
     order,
 )
 
@@ -36,10 +36,8 @@ QUIET_SECONDS = 0.3
 async def test_fail_fault_accepts_then_fails_without_moving_money(
     harness: Harness, client: httpx.AsyncClient
 ) -> None:
-    bank = await harness.start_bank(Faults(fail_rate=1.0))
-    try:
+    async with connected(harness, client, Faults(fail_rate=1.0)) as (bank, connector):
         async with CallbackInbox() as inbox:
-            connector = harness.build(harness.funder(bank.base_url), client, now)
             o = order(11, inbox.url)
             accepted = await connector.disburse(o)
             assert accepted.status in (BankStatus.ACCEPTED, BankStatus.PROCESSING)
@@ -47,8 +45,6 @@ async def test_fail_fault_accepts_then_fails_without_moving_money(
             assert (event.order_no, event.status) == (o.order_no, BankStatus.FAILED)
             assert (await connector.query(o.order_no)).status is BankStatus.FAILED
             assert bank.executions(o.order_no) == 0
-    finally:
-        await bank.close()
 
 
 @each
@@ -56,18 +52,14 @@ async def test_fail_fault_accepts_then_fails_without_moving_money(
 async def test_callback_loss_fault_executes_but_sends_no_callback(
     harness: Harness, client: httpx.AsyncClient
 ) -> None:
-    bank = await harness.start_bank(Faults(callback_loss_rate=1.0))
-    try:
+    async with connected(harness, client, Faults(callback_loss_rate=1.0)) as (bank, connector):
         async with CallbackInbox() as inbox:
-            connector = harness.build(harness.funder(bank.base_url), client, now)
             o = order(12, inbox.url)
             await connector.disburse(o)
             await eventually(lambda: bank.executions(o.order_no) == 1)
             with pytest.raises(TimeoutError):
                 await inbox.next(timeout=QUIET_SECONDS)
             assert (await connector.query(o.order_no)).status is BankStatus.SUCCEEDED
-    finally:
-        await bank.close()
 
 
 @each
@@ -75,10 +67,8 @@ async def test_callback_loss_fault_executes_but_sends_no_callback(
 async def test_callback_duplicate_fault_sends_two_valid_callbacks_for_one_execution(
     harness: Harness, client: httpx.AsyncClient
 ) -> None:
-    bank = await harness.start_bank(Faults(callback_duplicate_rate=1.0))
-    try:
+    async with connected(harness, client, Faults(callback_duplicate_rate=1.0)) as (bank, connector):
         async with CallbackInbox() as inbox:
-            connector = harness.build(harness.funder(bank.base_url), client, now)
             o = order(13, inbox.url)
             await connector.disburse(o)
             for _ in range(2):
@@ -87,8 +77,6 @@ async def test_callback_duplicate_fault_sends_two_valid_callbacks_for_one_execut
             with pytest.raises(TimeoutError):
                 await inbox.next(timeout=QUIET_SECONDS)
             assert bank.executions(o.order_no) == 1
-    finally:
-        await bank.close()
 
 
 @each
@@ -96,10 +84,8 @@ async def test_callback_duplicate_fault_sends_two_valid_callbacks_for_one_execut
 async def test_callback_delay_fault_holds_the_callback_back_after_execution(
     harness: Harness, client: httpx.AsyncClient
 ) -> None:
-    bank = await harness.start_bank(Faults(callback_delay_ms=DELAY_MS))
-    try:
+    async with connected(harness, client, Faults(callback_delay_ms=DELAY_MS)) as (bank, connector):
         async with CallbackInbox() as inbox:
-            connector = harness.build(harness.funder(bank.base_url), client, now)
             o = order(14, inbox.url)
             await connector.disburse(o)
             await eventually(lambda: bank.executions(o.order_no) == 1)
@@ -107,8 +93,6 @@ async def test_callback_delay_fault_holds_the_callback_back_after_execution(
             event = connector.parse_callback(*await inbox.next())
             assert event.status is BankStatus.SUCCEEDED
             assert time.monotonic() - executed >= DELAY_MS / 1000 * 0.8
-    finally:
-        await bank.close()
 
 
 @each
@@ -116,9 +100,7 @@ async def test_callback_delay_fault_holds_the_callback_back_after_execution(
 async def test_latency_fault_delays_every_answer(
     harness: Harness, client: httpx.AsyncClient
 ) -> None:
-    bank = await harness.start_bank(Faults(latency_ms=DELAY_MS))
-    try:
-        connector = harness.build(harness.funder(bank.base_url), client, now)
+    async with connected(harness, client, Faults(latency_ms=DELAY_MS)) as (_, connector):
         o = order(15)
         started = time.monotonic()
         await connector.disburse(o)
@@ -126,8 +108,6 @@ async def test_latency_fault_delays_every_answer(
         started = time.monotonic()
         await connector.query(o.order_no)
         assert time.monotonic() - started >= DELAY_MS / 1000
-    finally:
-        await bank.close()
 
 
 # --- the command line ------------------------------------------------------------------------
