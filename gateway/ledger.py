@@ -12,7 +12,7 @@ leaves a voucher. The platform's own operating money has no account here: transa
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -249,47 +249,58 @@ async def _verify(conn: q.Conn) -> LedgerCheck:
         r["funder_id"]: r["balance"]
         for r in await conn.fetch("SELECT funder_id, balance FROM prefund ORDER BY funder_id")
     }
-    custody = {a.removeprefix("custody:prefund:") for a in bal if a.startswith("custody:prefund:")}
-    for fid in sorted(set(prefund) | custody):  # custody without a prefund row must be empty
-        ledger = bal.get(custody_account(fid), 0)
-        if ledger != prefund.get(fid, 0):
-            out.problems.append(f"prefund of {fid}: table {prefund.get(fid, 0)}, ledger {ledger}")
-    open_rows = await conn.fetch(
-        "SELECT funder_id, sum(amount)::bigint AS total FROM disbursements"
-        " WHERE status NOT IN ('succeeded', 'failed') GROUP BY funder_id"
-    )
-    open_by = {r["funder_id"]: r["total"] for r in open_rows}
-    for account, balance in bal.items():
-        if account.startswith("transit:"):
-            fid = account.removeprefix("transit:")
-            if balance != open_by.get(fid, 0):
-                out.problems.append(
-                    f"{account}: {balance} in transit, open disbursements {open_by.get(fid, 0)}"
-                )
-    for fid, total in open_by.items():
-        if transit_account(fid) not in bal and total:
-            out.problems.append(f"{transit_account(fid)}: missing, open disbursements {total}")
+    out.problems += _per_funder(  # custody without a prefund row must be empty
+        bal, custody_account, prefund,
+        lambda fid, held, want: f"prefund of {fid}: table {want}, ledger {held or 0}",
+    )  # fmt: skip
+    open_by = await _sum_by_funder(conn, "amount", "status NOT IN ('succeeded', 'failed')")
+    out.problems += _per_funder(
+        bal, transit_account, open_by,
+        lambda fid, held, want: f"{transit_account(fid)}: "
+        + ("missing" if held is None else f"{held} in transit")
+        + f", open disbursements {want}",
+    )  # fmt: skip
     paid = await conn.fetchval(
         "SELECT coalesce(sum(amount), 0)::bigint FROM disbursements WHERE status = 'succeeded'"
     )
     if bal.get(PAYOUTS, 0) != paid:
         out.problems.append(f"{PAYOUTS}: {bal.get(PAYOUTS, 0)}, succeeded disbursements {paid}")
     # a funder's money is out for every disbursement it funds, open or paid: its share
-    funded_rows = await conn.fetch(
-        "SELECT funder_id, sum(alloc_funder)::bigint AS total FROM disbursements"
-        " WHERE status <> 'failed' GROUP BY funder_id"
-    )
-    funded = {r["funder_id"]: r["total"] for r in funded_rows}
-    for fid in sorted(
-        {a.removeprefix("funder:") for a in bal if a.startswith("funder:")} | set(funded)
-    ):  # fmt: skip
-        ledger = bal.get(funder_account(fid), 0)
-        if ledger != -funded.get(fid, 0):
-            out.problems.append(
-                f"{funder_account(fid)}: {ledger}, funder shares of its open and succeeded"
-                f" disbursements {funded.get(fid, 0)}"
-            )
+    funded = await _sum_by_funder(conn, "alloc_funder", "status <> 'failed'")
+    out.problems += _per_funder(
+        bal, funder_account, {fid: -total for fid, total in funded.items()},
+        lambda fid, held, want: f"{funder_account(fid)}: {held or 0}, funder shares of its"
+        f" open and succeeded disbursements {-want}",
+    )  # fmt: skip
     return out
+
+
+async def _sum_by_funder(conn: q.Conn, column: str, where: str) -> dict[str, int]:
+    """`sum(column)` of the disbursements matching `where` (a constant of this module), by
+    funder."""
+    rows = await conn.fetch(
+        f"SELECT funder_id, sum({column})::bigint AS total FROM disbursements"
+        f" WHERE {where} GROUP BY funder_id"
+    )
+    return {r["funder_id"]: r["total"] for r in rows}
+
+
+def _per_funder(
+    bal: dict[str, int],
+    account: Callable[[str], str],
+    expected: dict[str, int],
+    problem: Callable[[str, int | None, int], str],
+) -> list[str]:
+    """Each funder's `account` against what the tables say it must hold, for every funder
+    with such an account in the journal or an expectation (0 when none): `problem(funder,
+    the journal's balance or None, the expected one)` for each that differs."""
+    prefix = account("")
+    funders = {a.removeprefix(prefix) for a in bal if a.startswith(prefix)} | set(expected)
+    return [
+        problem(fid, bal.get(account(fid)), expected.get(fid, 0))
+        for fid in sorted(funders)
+        if bal.get(account(fid), 0) != expected.get(fid, 0)
+    ]
 
 
 def entry_out(r: Any) -> dict[str, Any]:
