@@ -40,7 +40,6 @@ async def refresh(svc: Services) -> None:
         in_flight = await q.in_flight_counts(conn)
         circuits = await q.circuits(conn)
         stuck = await q.stuck_attempts(conn)
-        at_bank = await q.waiting_at_bank(conn)
         chain = await q.voucher_chain_stats(conn)
         verified = await q.last_verification(conn)
         recon_last, recon_breaks = await q.recon_stats(conn)
@@ -54,7 +53,7 @@ async def refresh(svc: Services) -> None:
         row = stuck.get(f.id)
         m.set_attempts_unknown_oldest_age(f.id, row["oldest"] if row else 0.0)
         m.set_attempts_escalated_unresolved(f.id, row["escalated"] if row else 0)
-        m.set_attempts_at_bank_oldest_age(f.id, at_bank.get(f.id, 0.0))
+        m.set_attempts_at_bank_oldest_age(f.id, row["at_bank"] if row else 0.0)
         match circuits.get(f.id, "closed"):  # no row yet: never opened
             case "closed" | "half_open" | "open" as state:
                 m.set_circuit_state(f.id, state)

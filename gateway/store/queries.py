@@ -659,26 +659,20 @@ async def vouchers_of(conn: Conn, txn_no: str) -> list[asyncpg.Record]:
 
 
 async def stuck_attempts(conn: Conn) -> dict[str, asyncpg.Record]:
-    """Per funder: escalated unknown attempts and the age of the oldest unknown one."""
+    """Per funder, in one pass over the open attempts (their partial index, migration 0005):
+    escalated unknown attempts, the age of the oldest unknown one (`oldest`), and how long the
+    oldest attempt the bank has taken (`sent`, `processing`) has gone without a change
+    (`at_bank`); ages in seconds, 0 when there is none."""
     rows = await conn.fetch(
         "SELECT funder_id,"
-        " count(*) FILTER (WHERE escalated_at IS NOT NULL) AS escalated,"
-        " greatest(coalesce(extract(epoch FROM now() - min(unknown_since)), 0), 0)::float8"
-        " AS oldest"
-        " FROM attempts WHERE status = 'unknown' GROUP BY funder_id"
+        " count(*) FILTER (WHERE status = 'unknown' AND escalated_at IS NOT NULL) AS escalated,"
+        " greatest(coalesce(extract(epoch FROM now() - min(unknown_since)"
+        " FILTER (WHERE status = 'unknown')), 0), 0)::float8 AS oldest,"
+        " greatest(coalesce(extract(epoch FROM now() - min(updated_at)"
+        " FILTER (WHERE status IN ('sent', 'processing'))), 0), 0)::float8 AS at_bank"
+        " FROM attempts WHERE status IN ('sent', 'processing', 'unknown') GROUP BY funder_id"
     )
     return {r["funder_id"]: r for r in rows}
-
-
-async def waiting_at_bank(conn: Conn) -> dict[str, float]:
-    """Per funder: how long the oldest attempt the bank has taken (`sent`, `processing`) has
-    gone without a change, in seconds (the open attempts' partial index, migration 0005)."""
-    rows = await conn.fetch(
-        "SELECT funder_id,"
-        " greatest(extract(epoch FROM now() - min(updated_at)), 0)::float8 AS oldest"
-        " FROM attempts WHERE status IN ('sent', 'processing') GROUP BY funder_id"
-    )
-    return {r["funder_id"]: r["oldest"] for r in rows}
 
 
 async def voucher_chain_stats(conn: Conn) -> asyncpg.Record | None:
