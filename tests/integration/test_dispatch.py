@@ -394,3 +394,8 @@ async def test_a_payout_the_bank_holds_without_an_outcome_shows_its_age(
 
     assert 5 * 3600 <= (age("bank-a") or 0) < 5 * 3600 + 60
     assert age("bank-b") == 0
+    # a payout the bank holds is not an unknown one: that gauge, read in the same pass, is 0
+    unknown = h.svc.metrics.registry.get_sample_value(
+        "fundgate_attempts_unknown_oldest_age_seconds", {"funder": "bank-a"}
+    )
+    assert unknown == 0
