@@ -1,5 +1,7 @@
 """Plumbing shared by the simulated banks (sandbox, signed_json, iso20022): the background
-settle/callback tasks, the HTTP session for callbacks, an orderly shutdown, and serving."""
+settle/callback tasks, the HTTP session for callbacks, the faults every protocol plays alike
+(latency before each answer; a result callback lost, held back or sent twice), an orderly
+shutdown, and serving."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import aiohttp
+import structlog
 from aiohttp import web
 
 
@@ -15,11 +18,36 @@ class SimulatedBank:
     """Base of a simulated bank's state. `closing` releases requests the bank never answers
     (the timeout fault) when the server shuts down."""
 
-    def __init__(self, callback_timeout: float) -> None:
+    def __init__(
+        self, name: str, callback_timeout: float, *, latency_ms: int = 0, callback_delay_ms: int = 0
+    ) -> None:
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing = asyncio.Event()
         self.session: aiohttp.ClientSession | None = None
         self._callback_timeout = callback_timeout
+        self._latency_ms = latency_ms
+        self._callback_delay_ms = callback_delay_ms
+        self._log = structlog.get_logger(f"fundgate.{name}")
+        self._name = name
+
+    async def _latency(self) -> None:
+        """The latency fault: a delay before every answer of the bank's API."""
+        if self._latency_ms:
+            await asyncio.sleep(self._latency_ms / 1000)
+
+    async def _call_back(self, order: Any, order_no: str, *, lost: bool, duplicated: bool) -> None:
+        """A settled order's result callback with the callback faults drawn for it: none
+        (lost), or held back by the callback delay and sent once, or twice (duplicated)."""
+        if lost:
+            self._log.info(f"{self._name}.fault.callback_lost", order_no=order_no)
+            return
+        await asyncio.sleep(self._callback_delay_ms / 1000)
+        for _ in range(2 if duplicated else 1):
+            await self._deliver(order)
+
+    async def _deliver(self, order: Any) -> None:
+        """Send `order`'s result callback (each protocol its own)."""
+        raise NotImplementedError
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)

@@ -86,7 +86,10 @@ class _Order:
 
 class IsoBank(SimulatedBank):
     def __init__(self, opts: IsoBankOptions) -> None:
-        super().__init__(callback_timeout=5.0)
+        super().__init__(
+            "iso20022_bank", 5.0,
+            latency_ms=opts.latency_ms, callback_delay_ms=opts.callback_delay_ms,
+        )  # fmt: skip
         self.opts = opts
         self.rng = random.Random(opts.seed)
         # the faults that play out after acceptance draw from a stream of their own: a seed
@@ -238,10 +241,6 @@ class IsoBank(SimulatedBank):
             return web.Response(status=401, text=e.reason)
         return None
 
-    async def _latency(self) -> None:
-        if self.opts.latency_ms:
-            await asyncio.sleep(self.opts.latency_ms / 1000)
-
     async def _settle(self, order: _Order, fate: _Fate) -> None:
         await asyncio.sleep(self.opts.settle_ms / 1000)
         if fate.fail:
@@ -250,11 +249,9 @@ class IsoBank(SimulatedBank):
             order.executions += 1  # the one place money leaves the bank
             order.state = "succeeded"
         order.finished_at = datetime.now(self.zone)
-        if fate.callback_lost:
-            return
-        await asyncio.sleep(self.opts.callback_delay_ms / 1000)
-        for _ in range(2 if fate.callback_duplicated else 1):
-            await self._deliver(order)
+        await self._call_back(
+            order, order.tx.order_no, lost=fate.callback_lost, duplicated=fate.callback_duplicated
+        )
 
     async def _deliver(self, order: _Order) -> None:
         url = order.callback_url

@@ -184,7 +184,10 @@ class SandboxBank(SimulatedBank):
     """The state and behaviour behind one sandbox bank app (see the module docstring)."""
 
     def __init__(self, opts: BankOptions, seed: int) -> None:
-        super().__init__(callback_timeout=CALLBACK_TIMEOUT_SECONDS)
+        super().__init__(
+            "sandbox_bank", CALLBACK_TIMEOUT_SECONDS,
+            latency_ms=opts.latency_ms, callback_delay_ms=opts.callback_delay_ms,
+        )  # fmt: skip
         self.opts = opts
         self.seed = seed
         self.rng = random.Random(seed)
@@ -352,12 +355,9 @@ class SandboxBank(SimulatedBank):
             return
         order.finished_at = datetime.now(self.zone)
         log.info("sandbox_bank.payout.finished", order_no=order.order_no, status=order.status)
-        if draws.callback_lost:
-            log.info("sandbox_bank.fault.callback_lost", order_no=order.order_no)
-            return
-        await asyncio.sleep(self.opts.callback_delay_ms / 1000)
-        for _ in range(2 if draws.callback_duplicated else 1):
-            await self._deliver(order)
+        await self._call_back(
+            order, order.order_no, lost=draws.callback_lost, duplicated=draws.callback_duplicated
+        )
 
     async def _deliver(self, order: _Order) -> None:
         url = self.opts.callback_url or order.callback_url
@@ -411,10 +411,6 @@ class SandboxBank(SimulatedBank):
         if not fresh:
             return _json({"error": "stale"}, 401)
         return None
-
-    async def _latency(self) -> None:
-        if self.opts.latency_ms:
-            await asyncio.sleep(self.opts.latency_ms / 1000)
 
     async def _never_answer(self) -> None:
         # Wait for shutdown rather than sleeping: the app's shutdown waits for open handlers.

@@ -94,7 +94,10 @@ def bank_signer(opts: SignedJsonBankOptions) -> wire.Signer:
 
 class SignedJsonBank(SimulatedBank):
     def __init__(self, opts: SignedJsonBankOptions) -> None:
-        super().__init__(callback_timeout=CALLBACK_TIMEOUT_SECONDS)
+        super().__init__(
+            "signed_json_bank", CALLBACK_TIMEOUT_SECONDS,
+            latency_ms=opts.latency_ms, callback_delay_ms=opts.callback_delay_ms,
+        )  # fmt: skip
         self.opts = opts
         self.w = opts.wire
         self.signer = bank_signer(opts)
@@ -270,12 +273,7 @@ class SignedJsonBank(SimulatedBank):
             order.executions += 1  # the one place money leaves the bank
             order.state = "succeeded"
         order.finished_at = datetime.now(self.zone)
-        if lost:
-            log.info("signed_json_bank.fault.callback_lost", order_no=order.order_no)
-            return
-        await asyncio.sleep(self.opts.callback_delay_ms / 1000)
-        for _ in range(2 if duplicated else 1):
-            await self._deliver(order)
+        await self._call_back(order, order.order_no, lost=lost, duplicated=duplicated)
 
     async def _deliver(self, order: _Order) -> None:
         url = self.opts.callback_url or order.callback_url
@@ -304,10 +302,6 @@ class SignedJsonBank(SimulatedBank):
     def _answer(self, fields: Mapping[str, Any], status: int) -> web.Response:
         body, headers = self.sign(fields)
         return web.Response(status=status, body=body, headers=headers)
-
-    async def _latency(self) -> None:
-        if self.opts.latency_ms:
-            await asyncio.sleep(self.opts.latency_ms / 1000)
 
     def _verify(self, request: web.Request, body: bytes) -> web.Response | None:
         try:
