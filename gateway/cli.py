@@ -232,19 +232,12 @@ def other_bank_options(
     iso20022|signed_json`: the funder's wire description with every fault option of the
     command line. `ValueError` when an option cannot apply (a `--secret` other than the one
     the funder's connector_options sign with)."""
+    from connectors.sandbox.bank import fault_options
+
     faults: dict[str, Any] = {
         "callback_url": args.callback_url,
         "seed": args.seed or 0,
-        "reject_rate": args.reject_rate,
-        "error_rate": args.error_rate,
-        "timeout_rate": args.timeout_rate,
-        "fail_rate": args.fail_rate,
-        "callback_loss_rate": args.callback_loss_rate,
-        "callback_duplicate_rate": args.callback_duplicate_rate,
-        "callback_delay_ms": args.callback_delay_ms,
-        "latency_ms": args.latency_ms,
-        "settle_ms": args.settle_ms,
-        "callback_attempts": args.callback_attempts,
+        **fault_options(args),
     }
     if args.protocol == "iso20022":
         from connectors.iso20022 import sandbox as iso_bank

@@ -549,6 +549,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# the fault options of `add_arguments`, named as every simulated bank's options name them
+FAULT_OPTIONS = (
+    "reject_rate", "error_rate", "timeout_rate", "fail_rate", "callback_loss_rate",
+    "callback_duplicate_rate", "callback_delay_ms", "latency_ms", "settle_ms",
+    "callback_attempts",
+)  # fmt: skip
+
+
+def fault_options(ns: argparse.Namespace) -> dict[str, Any]:
+    """The fault options parsed by `add_arguments`, for any simulated bank's options."""
+    return {name: getattr(ns, name) for name in FAULT_OPTIONS}
+
+
 def options_from_args(ns: argparse.Namespace) -> BankOptions:
     """`BankOptions` from parsed `add_arguments` options; `ValueError` if inconsistent."""
     return BankOptions(
@@ -556,14 +569,5 @@ def options_from_args(ns: argparse.Namespace) -> BankOptions:
         callback_url=ns.callback_url,
         secret=DEFAULT_SECRET if ns.secret is None else ns.secret,
         seed=ns.seed,
-        reject_rate=ns.reject_rate,
-        error_rate=ns.error_rate,
-        timeout_rate=ns.timeout_rate,
-        fail_rate=ns.fail_rate,
-        callback_loss_rate=ns.callback_loss_rate,
-        callback_duplicate_rate=ns.callback_duplicate_rate,
-        callback_delay_ms=ns.callback_delay_ms,
-        latency_ms=ns.latency_ms,
-        settle_ms=ns.settle_ms,
-        callback_attempts=ns.callback_attempts,
+        **fault_options(ns),
     )
